@@ -1,0 +1,220 @@
+"""Process-group layout for tensor / context / data / pipeline parallelism.
+
+Two pieces, kept apart on purpose:
+
+* :func:`rank_groups` is a *pure* function: it maps a world size and the parallel sizes to
+  lists of ranks, using Megatron-Core's default order ``tp-cp-ep-dp-pp`` (tensor parallel
+  varies fastest, pipeline slowest)::
+
+      rank = tp_rank + TP * (cp_rank + CP * (dp_rank + DP * pp_rank))
+
+  It can be unit-tested and printed without any processes.
+
+* :class:`ParallelState` turns that layout into ``torch.distributed`` process groups and
+  exposes this rank's coordinates. It is passed explicitly to layers, schedules and
+  optimizers; there is no module-level global state.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+GROUP_NAMES = ("tp", "pp", "dp", "cp", "dp_cp", "mp", "embedding", "position_embedding")
+
+
+def _check_sizes(world_size: int, tp: int, pp: int, cp: int) -> int:
+    """Return the data-parallel size, or raise ValueError naming the sizes at fault."""
+    for name, value in (("world_size", world_size), ("tp", tp), ("pp", pp), ("cp", cp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor-parallel size {tp} x "
+            f"pipeline-parallel size {pp} x context-parallel size {cp} (= {model_parallel})")
+    return world_size // model_parallel
+
+
+def rank_of(tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int,
+            tp: int, cp: int, dp: int) -> int:
+    """Global rank of the given coordinates in Megatron's ``tp-cp-ep-dp-pp`` order."""
+    return tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
+
+
+def _groups_varying(sizes: dict[str, int], varying: tuple[str, ...]) -> list[list[int]]:
+    """All rank lists obtained by fixing every coordinate except those in ``varying``."""
+    fixed = [d for d in ("tp", "cp", "dp", "pp") if d not in varying]
+    groups = []
+    for fixed_coords in itertools.product(*(range(sizes[d]) for d in fixed)):
+        coords = dict(zip(fixed, fixed_coords))
+        ranks = []
+        for var_coords in itertools.product(*(range(sizes[d]) for d in varying)):
+            coords.update(zip(varying, var_coords))
+            ranks.append(rank_of(coords["tp"], coords["cp"], coords["dp"], coords["pp"],
+                                 sizes["tp"], sizes["cp"], sizes["dp"]))
+        groups.append(sorted(ranks))
+    return sorted(groups)
+
+
+def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[str, list[list[int]]]:
+    """Rank lists of every parallel group, identical to Megatron-Core's for the same layout.
+
+    Returns a dict with keys ``tp pp dp cp dp_cp mp embedding position_embedding``, each a
+    sorted list of sorted rank lists. ``dp`` excludes context parallelism, ``dp_cp`` includes
+    it; ``mp`` is tp x pp for one (dp, cp) index; ``embedding`` holds the first and last stage
+    of each pipeline (the single rank when pp == 1); ``position_embedding`` the first stage.
+
+    >>> rank_groups(8, tp=2, pp=2)["dp"]
+    [[0, 2], [1, 3], [4, 6], [5, 7]]
+    """
+    dp = _check_sizes(world_size, tp, pp, cp)
+    sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
+    pp_groups = _groups_varying(sizes, ("pp",))
+    return {
+        "tp": _groups_varying(sizes, ("tp",)),
+        "pp": pp_groups,
+        "dp": _groups_varying(sizes, ("dp",)),
+        "cp": _groups_varying(sizes, ("cp",)),
+        "dp_cp": _groups_varying(sizes, ("cp", "dp")),
+        "mp": _groups_varying(sizes, ("tp", "pp")),
+        "embedding": sorted(sorted({g[0], g[-1]}) for g in pp_groups),
+        "position_embedding": sorted([g[0]] for g in pp_groups),
+    }
+
+
+def coordinates(rank: int, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[str, int]:
+    """The (tp, cp, dp, pp) coordinates of ``rank``; the inverse of :func:`rank_of`."""
+    dp = _check_sizes(world_size, tp, pp, cp)
+    return {"tp": rank % tp, "cp": (rank // tp) % cp, "dp": (rank // (tp * cp)) % dp,
+            "pp": rank // (tp * cp * dp)}
+
+
+@dataclass
+class ParallelState:
+    """This rank's view of the parallel layout: sizes, ranks and torch process groups.
+
+    Build it with :meth:`from_sizes` after ``torch.distributed.init_process_group`` (or without
+    it for a single process, where every group is ``None`` and collectives are skipped).
+    Groups are exposed as ``tp_group``, ``pp_group``, ``dp_group``, ``cp_group``,
+    ``dp_cp_group``, ``mp_group``, ``embedding_group`` and ``position_embedding_group``;
+    matching ``*_ranks`` lists hold the global ranks of this rank's group.
+    """
+
+    world_size: int = 1
+    rank: int = 0
+    tp_size: int = 1
+    pp_size: int = 1
+    cp_size: int = 1
+    dp_size: int = 1
+    vpp_size: int | None = None
+    tp_rank: int = 0
+    pp_rank: int = 0
+    cp_rank: int = 0
+    dp_rank: int = 0
+    groups: dict = field(default_factory=dict)       # name -> ProcessGroup | None
+    group_ranks: dict = field(default_factory=dict)  # name -> list of global ranks
+
+    @classmethod
+    def from_sizes(cls, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
+                   backend: str | None = None) -> "ParallelState":
+        """Create every process group of the layout (collective: all ranks must call it)."""
+        initialized = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if initialized else 1
+        rank = dist.get_rank() if initialized else 0
+        layout = rank_groups(world_size, tp=tp, pp=pp, cp=cp)
+        coords = coordinates(rank, world_size, tp=tp, pp=pp, cp=cp)
+        if vpp is not None and vpp > 1 and pp < 2:
+            raise ValueError(f"virtual pipeline size {vpp} needs pipeline-parallel size > 1, got {pp}")
+        state = cls(world_size=world_size, rank=rank, tp_size=tp, pp_size=pp, cp_size=cp,
+                    dp_size=world_size // (tp * pp * cp), vpp_size=vpp,
+                    tp_rank=coords["tp"], pp_rank=coords["pp"], cp_rank=coords["cp"],
+                    dp_rank=coords["dp"])
+        for name in GROUP_NAMES:
+            for ranks in layout[name]:
+                # new_group is collective over the whole world: every rank creates every group.
+                group = dist.new_group(ranks, backend=backend) if initialized and world_size > 1 else None
+                if rank in ranks:
+                    state.groups[name] = group
+                    state.group_ranks[name] = ranks
+            state.groups.setdefault(name, None)
+            state.group_ranks.setdefault(name, [])
+        return state
+
+    # -- groups ---------------------------------------------------------------------------
+    tp_group = property(lambda self: self.groups.get("tp"))
+    pp_group = property(lambda self: self.groups.get("pp"))
+    dp_group = property(lambda self: self.groups.get("dp"))
+    cp_group = property(lambda self: self.groups.get("cp"))
+    dp_cp_group = property(lambda self: self.groups.get("dp_cp"))
+    mp_group = property(lambda self: self.groups.get("mp"))
+    embedding_group = property(lambda self: self.groups.get("embedding"))
+    position_embedding_group = property(lambda self: self.groups.get("position_embedding"))
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    @property
+    def pp_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline, first stage first."""
+        return self.group_ranks.get("pp") or [self.rank]
+
+    @property
+    def next_pp_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def prev_pp_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
+
+    @property
+    def in_embedding_group(self) -> bool:
+        return self.rank in self.group_ranks.get("embedding", [self.rank])
+
+    # -- pipeline stages --------------------------------------------------------------
+    def is_pipeline_first_stage(self, vp_rank: int | None = None) -> bool:
+        """True on the first stage; with virtual stages, only for model chunk 0 there."""
+        if vp_rank is not None and vp_rank != 0:
+            return False
+        return self.pp_rank == 0
+
+    def is_pipeline_last_stage(self, vp_rank: int | None = None) -> bool:
+        """True on the last stage; with virtual stages, only for the last model chunk there."""
+        if vp_rank is not None and self.vpp_size and vp_rank != self.vpp_size - 1:
+            return False
+        return self.pp_rank == self.pp_size - 1
+
+    def virtual_stage_index(self, vp_rank: int) -> int:
+        """Position of model chunk ``vp_rank`` of this rank in the whole (virtual) pipeline."""
+        return vp_rank * self.pp_size + self.pp_rank
+
+    def describe(self) -> str:
+        """One line naming this rank and its coordinates, for start-up logs."""
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
+                f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size} "
+                f"cp {self.cp_rank}/{self.cp_size}")
+
+
+def single_process_state() -> ParallelState:
+    """A ParallelState for one process without torch.distributed (all sizes 1)."""
+    return ParallelState.from_sizes()
+
+
+def default_backend() -> str:
+    """nccl when CUDA is available, else gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for users
+    import json
+    import sys
+
+    args = [int(a) for a in sys.argv[1:]] or [8, 2, 2]
+    print(json.dumps(rank_groups(*args), indent=1))

@@ -1,0 +1,21 @@
+"""Package metadata for megalite: a compact Megatron-style 3D-parallel GPT pretraining library."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megalite",
+    version="0.1.0",
+    description="Compact, readable Megatron-style 3D-parallel GPT pretraining",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megalite", "megalite.*"]),
+    install_requires=["torch", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "tokenizers", "sentencepiece", "matplotlib",
+                 "tensorboard", "safetensors", "transformers"],
+        "data": ["tokenizers", "sentencepiece"],
+        "plot": ["matplotlib"],
+        "gpu": ["flash-attn", "transformer-engine"],
+        "wandb": ["wandb"],
+    },
+)
