@@ -48,11 +48,14 @@ def set_tensor_parallel_attributes(param: nn.Parameter, is_parallel: bool, parti
 
 
 def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, group, init_method: InitMethod,
-                       dtype, device, real_rows: int | None = None) -> nn.Parameter:
+                       dtype, device, real_rows: int | None = None, parts: int = 1) -> nn.Parameter:
     """Initialise the full weight on CPU in fp32, keep this rank's slice along ``partition_dim``.
 
     ``real_rows`` (embeddings): only that many leading rows are initialised, the padding rows
     are zero, so the real rows do not depend on how much padding there is.
+    ``parts``: the weight is ``parts`` equal blocks stacked along ``partition_dim`` (e.g. the
+    gate and up projections of SwiGLU); each block is split across ranks separately, so every
+    rank holds matching slices of all blocks.
     """
     full = torch.empty(full_shape, dtype=torch.float32)
     if real_rows is None:
@@ -61,10 +64,12 @@ def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, group, i
         full.zero_()
         init_method(full[:real_rows])
     size = group_size(group)
-    if full_shape[partition_dim] % size:
+    if full_shape[partition_dim] % (size * parts):
         raise ValueError(f"dimension {full_shape[partition_dim]} of a {full_shape} weight is not "
-                         f"divisible by tensor-parallel size {size}")
-    shard = full.chunk(size, dim=partition_dim)[group_rank(group)]
+                         f"divisible by tensor-parallel size {size} x {parts} parts")
+    rank = group_rank(group)
+    shard = torch.cat([block.chunk(size, dim=partition_dim)[rank]
+                       for block in full.chunk(parts, dim=partition_dim)], dim=partition_dim)
     param = nn.Parameter(shard.to(dtype=dtype, device=device).contiguous())
     set_tensor_parallel_attributes(param, size > 1, partition_dim)
     return param
@@ -75,14 +80,17 @@ class ColumnParallelLinear(nn.Module):
 
     Input ``[s, b, in]`` (replicated, or sharded along s when ``sequence_parallel``); output
     ``[s, b, out / tp]`` unless ``gather_output``. Any leading dims work without SP.
+    ``parts > 1`` splits each of that many stacked output blocks separately (SwiGLU gate/up).
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group=None, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
-                 init_method: InitMethod = init_method_normal(0.02),
+                 init_method: InitMethod = init_method_normal(0.02), parts: int = 1,
                  params_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.tp_group, self.gather_output, self.sequence_parallel = tp_group, gather_output, sequence_parallel
+        if gather_output and parts > 1:
+            raise ValueError("ColumnParallelLinear: gather_output needs parts == 1")
         tp = group_size(tp_group)
         if output_size % tp:
             raise ValueError(f"ColumnParallelLinear output size {output_size} is not divisible by "
@@ -91,7 +99,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("ColumnParallelLinear: gather_output is incompatible with sequence_parallel")
         self.input_size, self.output_size_per_partition = input_size, output_size // tp
         self.weight = _sharded_parameter((output_size, input_size), 0, tp_group, init_method,
-                                         params_dtype, device)
+                                         params_dtype, device, parts=parts)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device))

@@ -1,0 +1,252 @@
+"""Configuration: dataclasses whose fields *are* the command-line flags (one source of truth).
+
+Each field declares its Megatron flag name through :func:`flag`; :func:`build_parser` turns
+every field of every dataclass into an argparse option, and :func:`parse_args` returns a
+:class:`Config` holding one instance of each, validated against the world size.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def flag(default, help: str, name: str | None = None, **argparse_kwargs):
+    """A dataclass field that is also a command-line flag (``--field-name`` unless ``name``)."""
+    return field(default=default, metadata={"help": help, "name": name, **argparse_kwargs})
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = flag(4, "number of transformer layers")
+    hidden_size: int = flag(128, "transformer hidden size")
+    ffn_hidden_size: int | None = flag(None, "MLP hidden size (default 4 x hidden, or the SwiGLU 8/3 rule)")
+    num_attention_heads: int = flag(4, "number of attention heads")
+    group_query_attention: bool = flag(False, "use grouped-query attention")
+    num_query_groups: int | None = flag(None, "number of key/value groups with --group-query-attention")
+    seq_length: int = flag(128, "sequence length of a training sample")
+    max_position_embeddings: int | None = flag(None, "size of the learned position table (default seq length)")
+    position_embedding_type: str = flag("learned_absolute", "position embedding",
+                                        choices=["learned_absolute", "rope"])
+    rotary_base: int = flag(10000, "RoPE base")
+    normalization: str = flag("LayerNorm", "normalisation layer", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: float = flag(1e-5, "epsilon of LayerNorm / RMSNorm")
+    swiglu: bool = flag(False, "SwiGLU MLP instead of GELU")
+    disable_bias_linear: bool = flag(False, "no biases in linear layers")
+    untie_embeddings_and_output_weights: bool = flag(False, "separate output layer weights")
+    init_method_std: float = flag(0.02, "std of the normal weight initialisation")
+    attention_dropout: float = flag(0.0, "dropout on attention probabilities")
+    hidden_dropout: float = flag(0.0, "dropout on the residual branches and embeddings")
+    make_vocab_size_divisible_by: int = flag(128, "pad the vocabulary to a multiple of this x TP")
+    recompute_granularity: str | None = flag(None, "activation recompute", choices=["full", "selective"])
+    recompute_method: str | None = flag(None, "which layers to recompute with full", choices=["uniform", "block"])
+    recompute_num_layers: int | None = flag(None, "layers per recompute chunk (uniform) or recomputed (block)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = flag(1, "tensor-parallel size")
+    pipeline_model_parallel_size: int = flag(1, "pipeline-parallel size")
+    num_layers_per_virtual_pipeline_stage: int | None = flag(None, "layers per virtual stage (interleaved 1F1B)")
+    context_parallel_size: int = flag(1, "context-parallel size")
+    sequence_parallel: bool = flag(False, "shard norms/dropout along the sequence (needs TP > 1)")
+    use_distributed_optimizer: bool = flag(False, "shard optimizer state over data-parallel ranks (ZeRO-1)")
+    overlap_grad_reduce: bool = flag(False, "overlap the data-parallel grad reduction with backward")
+    ddp_bucket_size: int | None = flag(None, "elements per grad-reduction bucket")
+    pipeline_schedule: str = flag("1f1b", "pipeline schedule (gpipe: all forwards, then all backwards)",
+                                  choices=["1f1b", "gpipe"])
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = flag(4, "samples per micro batch per data-parallel rank")
+    global_batch_size: int | None = flag(None, "samples per iteration (default micro batch x DP)")
+    train_iters: int = flag(200, "training iterations")
+    lr: float = flag(1e-3, "peak learning rate")
+    min_lr: float = flag(0.0, "learning rate floor after decay")
+    lr_decay_style: str = flag("cosine", "decay shape", choices=["constant", "linear", "cosine", "WSD"])
+    lr_warmup_iters: int = flag(0, "linear warmup iterations")
+    lr_decay_iters: int | None = flag(None, "iterations over which to decay (default train iters)")
+    lr_wsd_decay_iters: int | None = flag(None, "WSD: iterations of the final decay (default 10%% of decay iters)")
+    weight_decay: float = flag(0.01, "AdamW weight decay (not applied to biases and norms)")
+    clip_grad: float = flag(1.0, "global grad-norm clipping threshold (0 disables)")
+    adam_beta1: float = flag(0.9, "Adam beta1")
+    adam_beta2: float = flag(0.999, "Adam beta2")
+    adam_eps: float = flag(1e-8, "Adam epsilon")
+    bf16: bool = flag(False, "bf16 parameters with fp32 main weights")
+    fp16: bool = flag(False, "fp16 parameters with dynamic loss scaling")
+    loss_scale: float | None = flag(None, "static loss scale for fp16 (default dynamic)")
+    initial_loss_scale: float = flag(2.0 ** 32, "initial dynamic loss scale")
+    seed: int = flag(1234, "random seed")
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] | None = flag(None, "dataset prefix, or weight prefix pairs to blend", nargs="+")
+    split: str = flag("969,30,1", "train,valid,test proportions (by documents)")
+    mock_data: bool = flag(False, "deterministic synthetic tokens")
+    tokenizer_type: str | None = flag(None, "tokenizer", choices=[
+        "GPT2BPETokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer", "NullTokenizer", "ByteTokenizer"])
+    tokenizer_model: str | None = flag(None, "sentencepiece model, or HF tokenizer.json / directory")
+    vocab_file: str | None = flag(None, "GPT-2 BPE vocab.json")
+    merge_file: str | None = flag(None, "GPT-2 BPE merges.txt")
+    vocab_size: int | None = flag(None, "vocabulary size (NullTokenizer, mock data)")
+    data_cache_path: str | None = flag(None, "where dataset indices and the built-in corpus are cached")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = flag(10, "iterations between log lines")
+    eval_interval: int = flag(100, "iterations between validation runs")
+    eval_iters: int = flag(10, "validation iterations per run")
+    save: str | None = flag(None, "checkpoint directory to write")
+    load: str | None = flag(None, "checkpoint directory to resume from")
+    save_interval: int | None = flag(None, "iterations between checkpoints")
+    exit_interval: int | None = flag(None, "stop after an iteration divisible by this")
+    tensorboard_dir: str | None = flag(None, "write TensorBoard events here")
+    wandb_project: str | None = flag(None, "Weights & Biases project")
+    wandb_exp_name: str | None = flag(None, "Weights & Biases run name")
+    timeline_file: str | None = flag(None, "record per-rank pipeline timeline events (JSON) here")
+
+
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "training": TrainingConfig,
+            "data": DataConfig, "logging": LoggingConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    world_size: int = 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        p = self.parallel
+        return self.world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                                   * p.context_parallel_size)
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.training.global_batch_size // (self.training.micro_batch_size * self.data_parallel_size)
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("name") or "--" + f.name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with one option per config field, grouped by section."""
+    parser = argparse.ArgumentParser(description="megalite GPT pretraining (Megatron-LM flag names)",
+                                     allow_abbrev=False)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "name")}
+            if f.type in (bool, "bool"):
+                group.add_argument(_flag_name(f), dest=f.name, action="store_true", help=f.metadata["help"])
+                continue
+            kind = str(f.type)
+            typ = int if "int" in kind else float if "float" in kind else str
+            group.add_argument(_flag_name(f), dest=f.name, type=typ, default=f.default,
+                               help=f.metadata["help"] + f" (default: {f.default})", **extra)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, world_size: int = 1) -> Config:
+    """Parse Megatron-style flags into a validated :class:`Config`.
+
+    Unknown flags and inconsistent combinations exit with one message naming the flags.
+    """
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    cfg = Config(world_size=world_size, **{
+        section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        for section, cls in SECTIONS.items()})
+    try:
+        validate(cfg)
+    except ValueError as e:  # one line naming the flags at fault, without the long usage text
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Fill derived defaults and raise ValueError on inconsistent flags (one clear message)."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.training, cfg.data
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    errors = []
+    for name, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp), ("--num-layers", m.num_layers),
+                        ("--hidden-size", m.hidden_size), ("--num-attention-heads", m.num_attention_heads),
+                        ("--seq-length", m.seq_length), ("--micro-batch-size", t.micro_batch_size),
+                        ("--train-iters", t.train_iters), ("--log-interval", cfg.logging.log_interval)):
+        if value < 1:
+            errors.append(f"{name} must be >= 1, got {value}")
+    if errors:
+        raise ValueError("; ".join(errors))
+    if cfg.world_size % (tp * pp * cp):
+        raise ValueError(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp} "
+                         f"x --pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
+    dp = cfg.data_parallel_size
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                      f"{t.micro_batch_size} x data-parallel size {dp}")
+    if m.hidden_size % m.num_attention_heads:
+        errors.append(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
+    if m.num_attention_heads % tp:
+        errors.append(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+                      f"--tensor-model-parallel-size {tp}")
+    if m.group_query_attention:
+        if m.num_query_groups is None:
+            errors.append("--group-query-attention needs --num-query-groups")
+        elif m.num_attention_heads % m.num_query_groups or m.num_query_groups % tp:
+            errors.append(f"--num-query-groups {m.num_query_groups} must divide --num-attention-heads "
+                          f"{m.num_attention_heads} and be divisible by --tensor-model-parallel-size {tp}")
+    else:
+        m.num_query_groups = m.num_attention_heads
+    if m.num_layers % pp:
+        errors.append(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    elif p.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = m.num_layers // pp
+        if pp < 2:
+            errors.append("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        elif per_stage % p.num_layers_per_virtual_pipeline_stage:
+            errors.append(f"--num-layers {m.num_layers} / --pipeline-model-parallel-size {pp} = {per_stage} layers "
+                          f"per stage is not divisible by --num-layers-per-virtual-pipeline-stage "
+                          f"{p.num_layers_per_virtual_pipeline_stage}")
+        elif not errors and cfg.num_microbatches % pp:
+            errors.append(f"interleaved pipeline schedule needs the number of micro-batches "
+                          f"({cfg.num_microbatches} = global batch / (micro batch x DP)) to be a multiple of "
+                          f"--pipeline-model-parallel-size {pp}")
+    if p.sequence_parallel and tp == 1:
+        errors.append("--sequence-parallel requires --tensor-model-parallel-size > 1")
+    if p.sequence_parallel and (m.seq_length // cp) % tp:
+        errors.append(f"--sequence-parallel needs --seq-length {m.seq_length} (per context-parallel rank) "
+                      f"divisible by --tensor-model-parallel-size {tp}")
+    if cp > 1 and m.seq_length % (2 * cp):
+        errors.append(f"--seq-length {m.seq_length} must be divisible by 2 x --context-parallel-size {cp}")
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
+        errors.append(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    if t.bf16 and t.fp16:
+        errors.append("--bf16 and --fp16 are mutually exclusive")
+    if d.mock_data and d.data_path:
+        errors.append("--mock-data and --data-path are mutually exclusive")
+    if d.data_path and not d.tokenizer_type:
+        errors.append("--data-path needs --tokenizer-type (and its files) to know the vocabulary")
+    if d.data_path and len(d.data_path) > 1 and len(d.data_path) % 2:
+        errors.append(f"--data-path with several datasets takes weight/prefix pairs, got {len(d.data_path)} values")
+    if m.recompute_granularity == "full" and m.recompute_method is None:
+        errors.append("--recompute-granularity full needs --recompute-method uniform|block")
+    if errors:
+        raise ValueError("; ".join(errors))
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = 4 * m.hidden_size
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.train_iters

@@ -1,0 +1,162 @@
+"""The transformer block, built from tensor-parallel layers.
+
+Activations are ``[sequence, batch, hidden]`` (Megatron's layout). One block is::
+
+    x = x + dropout(attention(norm_1(x)))
+    x = x + dropout(mlp(norm_2(x)))
+
+Options: LayerNorm or RMSNorm, learned or rotary positions (RoPE is applied here, learned
+ones in the embedding), GELU or SwiGLU MLP, grouped-query attention, biases on or off,
+sequence parallelism (norms and dropout on a sequence shard), selective recompute.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..parallel_state import ParallelState
+from ..tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
+                               init_method_normal, scaled_init_method_normal)
+from ..tensor_parallel.random import RNGStatesTracker
+
+
+def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+    """LayerNorm or RMSNorm; under SP its params get partial grads (``sequence_parallel``)."""
+    norm_cls = nn.LayerNorm if cfg.normalization == "LayerNorm" else nn.RMSNorm
+    norm = norm_cls(cfg.hidden_size, eps=cfg.norm_epsilon)
+    for p in norm.parameters():
+        p.sequence_parallel = sequence_parallel
+    return norm
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[s, 1, 1, head_dim]`` for the given positions (non-interleaved halves,
+    the convention of Megatron-Core and Hugging Face Llama)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=-1)[:, None, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [s, b, n, d]`` by the position angles: ``x cos + rotate_half(x) sin``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class ParallelContext:
+    """What every layer needs besides its config: groups, the RNG tracker, SP on/off."""
+
+    def __init__(self, pstate: ParallelState, tracker: RNGStatesTracker | None, sequence_parallel: bool = False):
+        self.pstate, self.tracker, self.sequence_parallel = pstate, tracker, sequence_parallel
+
+    def parallel_rng(self):
+        """RNG for dropout on sharded activations: per-TP-rank stream when there is one."""
+        return self.tracker.fork() if self.tracker is not None else contextlib.nullcontext()
+
+
+class Attention(nn.Module):
+    """Causal self-attention with heads (and key/value groups) split across TP ranks.
+
+    The fused QKV weight is laid out per key/value group ``[q_1..q_k, k, v]`` so that a
+    contiguous row slice gives each TP rank whole groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        tp = ctx.pstate.tp_size
+        self.ctx, self.cfg = ctx, cfg
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.num_heads = cfg.num_attention_heads // tp
+        self.num_groups = cfg.num_query_groups // tp
+        self.q_per_group = cfg.num_attention_heads // cfg.num_query_groups
+        qkv_size = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * self.head_dim
+        common = dict(tp_group=ctx.pstate.tp_group, bias=not cfg.disable_bias_linear,
+                      sequence_parallel=ctx.sequence_parallel)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_size, init_method=init_method_normal(cfg.init_method_std),
+                                        **common)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size,
+                                      init_method=scaled_init_method_normal(cfg.init_method_std, cfg.num_layers),
+                                      **common)
+        self.selective_recompute = cfg.recompute_granularity == "selective"
+        self.core_attention = sdpa_attention  # replaced by context-parallel attention when CP > 1
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.num_groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, self.num_heads, self.head_dim)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if self.selective_recompute:
+            context = checkpoint(self._core, self.ctx.tracker, q, k, v, dropout)
+        else:
+            context = self._core(q, k, v, dropout)
+        return self.proj(context)
+
+    def _core(self, q, k, v, dropout: float) -> torch.Tensor:
+        with self.ctx.parallel_rng() if dropout > 0 else contextlib.nullcontext():
+            return self.core_attention(q, k, v, dropout, self.ctx)
+
+
+def sdpa_attention(q, k, v, dropout: float, ctx: ParallelContext) -> torch.Tensor:
+    """Causal attention of ``q [s, b, n, d]``, ``k, v [s, b, g, d]``; returns ``[s, b, n*d]``."""
+    s, b = q.shape[:2]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with fc1 column-parallel and fc2 row-parallel (GELU or SwiGLU)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        self.swiglu = cfg.swiglu
+        parts = 2 if cfg.swiglu else 1
+        common = dict(tp_group=ctx.pstate.tp_group, bias=not cfg.disable_bias_linear,
+                      sequence_parallel=ctx.sequence_parallel)
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, parts * cfg.ffn_hidden_size, parts=parts,
+                                        init_method=init_method_normal(cfg.init_method_std), **common)
+        self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size,
+                                     init_method=scaled_init_method_normal(cfg.init_method_std, cfg.num_layers),
+                                     **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: attention and MLP, each added to the residual stream after dropout."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        self.ctx, self.hidden_dropout = ctx, cfg.hidden_dropout
+        self.norm_1 = build_norm(cfg, ctx.sequence_parallel)
+        self.attention = Attention(cfg, ctx)
+        self.norm_2 = build_norm(cfg, ctx.sequence_parallel)
+        self.mlp = MLP(cfg, ctx)
+
+    def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
+        x = x + self._dropout(self.attention(self.norm_1(x), rotary))
+        return x + self._dropout(self.mlp(self.norm_2(x)))
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.hidden_dropout == 0.0:
+            return x
+        # Under SP each rank holds a different slice: masks must differ, so use the TP stream.
+        with self.ctx.parallel_rng() if self.ctx.sequence_parallel else contextlib.nullcontext():
+            return F.dropout(x, self.hidden_dropout, training=True)

@@ -1,0 +1,81 @@
+"""Point-to-point exchange of activations and gradients between adjacent pipeline stages.
+
+Everything goes through :meth:`P2P.communicate`, one batched ``isend/irecv`` of up to four
+operations. The operations are always posted in the same order on every rank::
+
+    send to next (activation), recv from prev (activation),
+    send to prev (gradient),   recv from next (gradient)
+
+and activations and gradients use different tags. So between two ranks the k-th activation
+sent is the k-th activation received, also when "next" and "prev" are the same rank (PP=2,
+where Megatron-Core's order pairs an activation with a gradient over gloo and deadlocks or
+corrupts). Shapes are known in advance (sequence x micro-batch x hidden), so no shape exchange.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..parallel_state import ParallelState
+
+ACTIVATION_TAG, GRADIENT_TAG = 1, 2
+
+
+class P2P:
+    """Send/recv helpers for one rank of a pipeline; optional timeline records each exchange."""
+
+    def __init__(self, pstate: ParallelState, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, timeline=None):
+        self.pstate, self.shape, self.dtype, self.device = pstate, tuple(shape), dtype, device
+        self.timeline = timeline
+
+    def communicate(self, send_next: torch.Tensor | None = None, recv_prev: bool = False,
+                    send_prev: torch.Tensor | None = None, recv_next: bool = False):
+        """Post the requested sends/recvs together; return ``(from_prev, from_next)``."""
+        ps = self.pstate
+        from_prev = self._buffer() if recv_prev else None
+        from_next = self._buffer() if recv_next else None
+        ops = []
+        if send_next is not None:
+            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), ps.next_pp_rank, tag=ACTIVATION_TAG))
+        if from_prev is not None:
+            ops.append(dist.P2POp(dist.irecv, from_prev, ps.prev_pp_rank, tag=ACTIVATION_TAG))
+        if send_prev is not None:
+            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), ps.prev_pp_rank, tag=GRADIENT_TAG))
+        if from_next is not None:
+            ops.append(dist.P2POp(dist.irecv, from_next, ps.next_pp_rank, tag=GRADIENT_TAG))
+        if ops:
+            start = time.perf_counter()
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+            if self.timeline is not None:
+                self.timeline.record("comm", start, time.perf_counter())
+        if from_prev is not None:
+            from_prev.requires_grad_(True)  # the stage's input: its grad is sent back later
+        return from_prev, from_next
+
+    def _buffer(self) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device)
+
+    # Named one-way and two-way exchanges (the vocabulary of the schedules) ------------------
+    def recv_forward(self, first_stage: bool):
+        return None if first_stage else self.communicate(recv_prev=True)[0]
+
+    def send_forward(self, output: torch.Tensor, last_stage: bool) -> None:
+        if not last_stage:
+            self.communicate(send_next=output)
+
+    def recv_backward(self, last_stage: bool):
+        return None if last_stage else self.communicate(recv_next=True)[1]
+
+    def send_backward(self, input_grad: torch.Tensor | None, first_stage: bool) -> None:
+        if not first_stage:
+            self.communicate(send_prev=input_grad)
+
+    def send_forward_recv_backward(self, output: torch.Tensor, last_stage: bool):
+        return None if last_stage else self.communicate(send_next=output, recv_next=True)[1]
+
+    def send_backward_recv_forward(self, input_grad: torch.Tensor | None, first_stage: bool):
+        return None if first_stage else self.communicate(send_prev=input_grad, recv_prev=True)[0]

@@ -1,0 +1,25 @@
+"""Per-rank record of when each forward, backward and p2p exchange ran (``--timeline-file``)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class Timeline:
+    """Collects ``(kind, start, end)`` events with times relative to its creation."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.origin = time.perf_counter()
+        self.events: list[tuple[str, float, float]] = []
+
+    def record(self, kind: str, start: float, end: float) -> None:
+        self.events.append((kind, start - self.origin, end - self.origin))
+
+    def save(self, path: str) -> None:
+        """Write ``{path}.rank{N}.json`` (one file per rank; tools/plot_timeline.py merges them)."""
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with open(f"{path}.rank{self.rank}.json", "w") as f:
+            json.dump({"rank": self.rank, "events": self.events}, f)

@@ -1,0 +1,184 @@
+"""The training loop: micro-batches -> pipeline schedule -> grad sync -> clip -> optimizer step.
+
+``pretrain(cfg, pstate, datasets, vocab_size)`` is everything ``pretrain_gpt.py`` does after
+argument parsing and data building. One iteration (:func:`train_step`)::
+
+    micro-batches of this DP rank -> schedule (forward/backward, p2p between stages)
+    -> finalize_model_grads (DP, tied embedding, SP norms) -> grad norm -> clip -> step
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .data.samplers import MegatronPretrainingSampler
+from .distributed.finalize import finalize_model_grads
+from .flops import num_floating_point_operations
+from .model import build_model
+from .optimizer import build_optimizer
+from .optimizer.clip_grads import clip_grads, global_grad_norm
+from .optimizer.lr_scheduler import LRScheduler
+from .parallel_state import ParallelState
+from .pipeline_parallel.p2p import P2P
+from .pipeline_parallel.schedules import get_schedule
+from .pipeline_parallel.timeline import Timeline
+from .tensor_parallel import model_parallel_seed
+from .training_log import format_iteration_line, format_validation_line
+
+
+class BatchIterator:
+    """This DP rank's micro-batches from ``dataset``, in Megatron's sampler order.
+
+    Every TP/PP rank of a DP rank reads the same samples itself (the datasets are
+    deterministic), so no broadcast is needed.
+    """
+
+    def __init__(self, dataset, cfg: Config, pstate: ParallelState, consumed_samples: int = 0,
+                 device=torch.device("cpu")):
+        self.dataset, self.device = dataset, device
+        self.sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, cfg.training.micro_batch_size,
+                                                  pstate.dp_rank, pstate.dp_size)
+        self.indices = iter(self.sampler)
+
+    def next_microbatches(self, count: int) -> list[dict]:
+        batches = []
+        for _ in range(count):
+            try:
+                idx = next(self.indices)
+            except StopIteration:
+                raise RuntimeError(f"the dataset ran out of samples ({len(self.dataset)}); "
+                                   "lower --train-iters / --eval-iters or use more data") from None
+            samples = torch.from_numpy(np.stack([self.dataset[i] for i in idx]).astype(np.int64))
+            samples = samples.to(self.device)
+            tokens, labels = samples[:, :-1].contiguous(), samples[:, 1:].contiguous()
+            batches.append({"tokens": tokens, "labels": labels,
+                            "loss_mask": torch.ones_like(labels, dtype=torch.float32)})
+        return batches
+
+
+def loss_step(chunk, microbatch):
+    """The ``step_fn`` of the schedules: run a chunk; on the last stage sum the masked losses."""
+    output = chunk(microbatch["tokens"], labels=microbatch["labels"] if chunk.post_process else None)
+    mask = microbatch["loss_mask"]
+
+    def loss_fn(per_token_loss):
+        return (per_token_loss.float() * mask).sum(), mask.sum()
+    return output, loss_fn
+
+
+class Trainer:
+    """Holds the model chunks, optimizer and schedule of one rank, and runs iterations."""
+
+    def __init__(self, cfg: Config, pstate: ParallelState, vocab_size: int, device=torch.device("cpu"), log=print):
+        self.cfg, self.pstate, self.device, self.log = cfg, pstate, device, log
+        self.tracker = model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, device)
+        self.model = [chunk.to(device) for chunk in build_model(cfg, pstate, vocab_size, self.tracker)]
+        self.params = [p for chunk in self.model for p in chunk.parameters()]
+        self.optimizer = build_optimizer(self.model, cfg)
+        t = cfg.training
+        self.scheduler = LRScheduler(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters, t.lr_decay_style,
+                                     t.lr_wsd_decay_iters)
+        self.timeline = Timeline(pstate.rank) if cfg.logging.timeline_file else None
+        seq = cfg.model.seq_length // pstate.cp_size
+        if cfg.parallel.sequence_parallel:
+            seq //= pstate.tp_size
+        self.p2p = P2P(pstate, (seq, t.micro_batch_size, cfg.model.hidden_size), torch.float32, device, self.timeline)
+        self.schedule = get_schedule(pstate.pp_size, len(self.model), cfg.parallel.pipeline_schedule)
+        self.padded_vocab_size = self.model[0].padded_vocab_size
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> tuple[float, float]:
+        """Run the schedule; return (sum of token losses, number of tokens) over the global batch."""
+        tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1).double()
+        if self.pstate.dp_cp_group is not None and self.pstate.dp_cp_size > 1:
+            dist.all_reduce(tokens, group=self.pstate.dp_cp_group)
+        total_tokens = tokens.item()
+        for chunk in self.model:
+            chunk.train(not forward_only)
+        losses = self.schedule(loss_step, self.model, microbatches, grad_scale=1.0 / total_tokens,
+                               p2p=self.p2p, forward_only=forward_only, timeline=self.timeline)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for loss, _ in losses:
+            loss_sum += loss.double()
+        if self.pstate.dp_cp_group is not None and self.pstate.dp_cp_size > 1:
+            dist.all_reduce(loss_sum, group=self.pstate.dp_cp_group)
+        return loss_sum.item(), total_tokens
+
+    def train_step(self, microbatches: list[dict]) -> dict:
+        """One iteration over a global batch; returns loss, grad norm and lr."""
+        lr = self.scheduler.step(self.optimizer)
+        for p in self.params:
+            p.grad = None
+        loss_sum, tokens = self._run_schedule(microbatches, forward_only=False)
+        finalize_model_grads(self.model, self.pstate)
+        grad_norm = global_grad_norm(self.params, self.pstate)
+        clip_grads(self.params, self.cfg.training.clip_grad, grad_norm)
+        self.optimizer.step()
+        self.iteration += 1
+        self.consumed_samples += self.cfg.training.global_batch_size
+        return {"loss": loss_sum / tokens, "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, batches: BatchIterator, eval_iters: int) -> float:
+        """Mean token loss over ``eval_iters`` global batches of validation data."""
+        loss_sum = tokens = 0.0
+        for _ in range(eval_iters):
+            s, n = self._run_schedule(batches.next_microbatches(self.cfg.num_microbatches), forward_only=True)
+            loss_sum, tokens = loss_sum + s, tokens + n
+        return loss_sum / max(tokens, 1.0)
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints: last pipeline stage, TP rank 0, DP rank 0, CP rank 0."""
+        ps = self.pstate
+        return ps.is_pipeline_last_stage() and ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
+
+    def flops_per_iteration(self) -> float:
+        m = self.cfg.model
+        return num_floating_point_operations(
+            batch_size=self.cfg.training.global_batch_size, seq_length=m.seq_length, num_layers=m.num_layers,
+            hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
+            padded_vocab_size=self.padded_vocab_size, swiglu=m.swiglu,
+            full_recompute=m.recompute_granularity == "full")
+
+
+def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, device=torch.device("cpu"),
+             log=print) -> list[dict]:
+    """Train for ``--train-iters`` iterations; return per-iteration stats (``loss``, ``grad_norm``,
+    ``lr``). The loss is known on the logging rank (last stage); elsewhere it is NaN."""
+    train_ds, valid_ds, _ = datasets
+    trainer = Trainer(cfg, pstate, vocab_size, device, log)
+    train_batches = BatchIterator(train_ds, cfg, pstate, trainer.consumed_samples, device)
+    valid_batches = BatchIterator(valid_ds, cfg, pstate, 0, device) if valid_ds is not None else None
+    lg, t = cfg.logging, cfg.training
+    history: list[dict] = []
+    window_losses, window_time = [], 0.0
+    for _ in range(trainer.iteration, t.train_iters):
+        start = time.perf_counter()
+        stats = trainer.train_step(train_batches.next_microbatches(cfg.num_microbatches))
+        window_time += time.perf_counter() - start
+        history.append({**stats, "loss": stats["loss"] if trainer.is_logging_rank else math.nan})
+        window_losses.append(stats["loss"])
+        it = trainer.iteration
+        if it % lg.log_interval == 0 or it == t.train_iters:
+            elapsed = window_time / len(window_losses)
+            if trainer.is_logging_rank:
+                tflops = trainer.flops_per_iteration() / (elapsed * 1e12 * pstate.world_size)
+                log(format_iteration_line(it, t.train_iters, trainer.consumed_samples, elapsed * 1000.0, tflops,
+                                          stats["lr"], t.global_batch_size, sum(window_losses) / len(window_losses),
+                                          1.0, stats["grad_norm"], 0, 0))
+            window_losses, window_time = [], 0.0
+        if valid_batches is not None and lg.eval_interval and it % lg.eval_interval == 0 and lg.eval_iters > 0:
+            val = trainer.evaluate(valid_batches, lg.eval_iters)
+            if trainer.is_logging_rank:
+                log(format_validation_line(f"iteration {it}", val))
+    if trainer.timeline is not None:
+        trainer.timeline.save(cfg.logging.timeline_file)
+    return history

@@ -1,0 +1,27 @@
+"""The training log lines, in Megatron-LM's exact format (outside tools parse them)."""
+from __future__ import annotations
+
+import math
+
+
+def format_iteration_line(iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
+                          tflops_per_gpu: float, lr: float, global_batch_size: int, lm_loss: float,
+                          loss_scale: float, grad_norm: float, skipped: int, nan: int) -> str:
+    """`` iteration   10/  100 | consumed samples: ... | number of nan iterations:   0 |``"""
+    return (f" iteration {iteration:8d}/{train_iters:8d} |"
+            f" consumed samples: {consumed_samples:11d} |"
+            f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
+            f" throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} |"
+            f" learning rate: {lr:.6E} |"
+            f" global batch size: {global_batch_size:5d} |"
+            f" lm loss: {lm_loss:.6E} |"
+            f" loss scale: {loss_scale:.1f} |"
+            f" grad norm: {grad_norm:.3f} |"
+            f" number of skipped iterations: {skipped:3d} |"
+            f" number of nan iterations: {nan:3d} |")
+
+
+def format_validation_line(where: str, loss: float) -> str:
+    """`` validation loss at iteration N | lm loss value: X | lm loss PPL: Y |``"""
+    ppl = math.exp(min(20.0, loss))
+    return f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
