@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 from .config import Config
 from .data.samplers import MegatronPretrainingSampler
-from .distributed.finalize import finalize_model_grads
+from .distributed.finalize import finalize_model_grads, tied_embedding_params
+from .distributed.grad_buffer import GradBuffer
 from .flops import num_floating_point_operations
 from .model import build_model
+from .model.context_parallel import get_batch_on_this_cp_rank
 from .optimizer import build_optimizer
-from .optimizer.clip_grads import clip_grads, global_grad_norm
 from .optimizer.lr_scheduler import LRScheduler
 from .parallel_state import ParallelState
 from .pipeline_parallel.p2p import P2P
@@ -41,6 +42,7 @@ class BatchIterator:
     def __init__(self, dataset, cfg: Config, pstate: ParallelState, consumed_samples: int = 0,
                  device=torch.device("cpu")):
         self.dataset, self.device = dataset, device
+        self.cp_rank, self.cp_size = pstate.cp_rank, pstate.cp_size
         self.sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, cfg.training.micro_batch_size,
                                                   pstate.dp_rank, pstate.dp_size)
         self.indices = iter(self.sampler)
@@ -56,14 +58,16 @@ class BatchIterator:
             samples = torch.from_numpy(np.stack([self.dataset[i] for i in idx]).astype(np.int64))
             samples = samples.to(self.device)
             tokens, labels = samples[:, :-1].contiguous(), samples[:, 1:].contiguous()
-            batches.append({"tokens": tokens, "labels": labels,
-                            "loss_mask": torch.ones_like(labels, dtype=torch.float32)})
+            batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
+            # Context parallel: keep this CP rank's (load-balanced) chunks, with global position ids.
+            batches.append(get_batch_on_this_cp_rank(batch, self.cp_rank, self.cp_size))
         return batches
 
 
 def loss_step(chunk, microbatch):
     """The ``step_fn`` of the schedules: run a chunk; on the last stage sum the masked losses."""
-    output = chunk(microbatch["tokens"], labels=microbatch["labels"] if chunk.post_process else None)
+    output = chunk(microbatch["tokens"], position_ids=microbatch.get("position_ids"),
+                   labels=microbatch["labels"] if chunk.post_process else None)
     mask = microbatch["loss_mask"]
 
     def loss_fn(per_token_loss):
@@ -77,23 +81,27 @@ class Trainer:
     def __init__(self, cfg: Config, pstate: ParallelState, vocab_size: int, device=torch.device("cpu"), log=print):
         self.cfg, self.pstate, self.device, self.log = cfg, pstate, device, log
         self.tracker = model_parallel_seed(cfg.training.seed, pstate.tp_rank, pstate.pp_rank, device)
-        self.model = [chunk.to(device) for chunk in build_model(cfg, pstate, vocab_size, self.tracker)]
-        self.params = [p for chunk in self.model for p in chunk.parameters()]
-        self.optimizer = build_optimizer(self.model, cfg)
-        t = cfg.training
+        t, p = cfg.training, cfg.parallel
+        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        # Built in fp32 (so every dtype starts from the same weights), then cast.
+        self.model = [chunk.to(device=device, dtype=self.dtype) for chunk in build_model(cfg, pstate, vocab_size, self.tracker)]
+        self.buffer = GradBuffer(self.model, pstate.dp_cp_group, pstate.dp_cp_size, p.ddp_bucket_size,
+                                 overlap=p.overlap_grad_reduce, reduce_scatter=p.use_distributed_optimizer,
+                                 deferred_params=tied_embedding_params(self.model, pstate))
+        self.optimizer = build_optimizer(self.model, self.buffer, pstate, cfg)
         self.scheduler = LRScheduler(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters, t.lr_decay_style,
                                      t.lr_wsd_decay_iters)
         self.timeline = Timeline(pstate.rank) if cfg.logging.timeline_file else None
         seq = cfg.model.seq_length // pstate.cp_size
         if cfg.parallel.sequence_parallel:
             seq //= pstate.tp_size
-        self.p2p = P2P(pstate, (seq, t.micro_batch_size, cfg.model.hidden_size), torch.float32, device, self.timeline)
+        self.p2p = P2P(pstate, (seq, t.micro_batch_size, cfg.model.hidden_size), self.dtype, device, self.timeline)
         self.schedule = get_schedule(pstate.pp_size, len(self.model), cfg.parallel.pipeline_schedule)
         self.padded_vocab_size = self.model[0].padded_vocab_size
-        self.iteration = 0
-        self.consumed_samples = 0
+        self.iteration = self.consumed_samples = 0
+        self.skipped_iterations = self.nan_iterations = 0
 
-    def _run_schedule(self, microbatches: list[dict], forward_only: bool) -> tuple[float, float]:
+    def _run_schedule(self, microbatches: list[dict], forward_only: bool, loss_scale: float = 1.0) -> tuple[float, float]:
         """Run the schedule; return (sum of token losses, number of tokens) over the global batch."""
         tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1).double()
         if self.pstate.dp_cp_group is not None and self.pstate.dp_cp_size > 1:
@@ -101,7 +109,7 @@ class Trainer:
         total_tokens = tokens.item()
         for chunk in self.model:
             chunk.train(not forward_only)
-        losses = self.schedule(loss_step, self.model, microbatches, grad_scale=1.0 / total_tokens,
+        losses = self.schedule(loss_step, self.model, microbatches, grad_scale=loss_scale / total_tokens,
                                p2p=self.p2p, forward_only=forward_only, timeline=self.timeline)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         for loss, _ in losses:
@@ -111,18 +119,19 @@ class Trainer:
         return loss_sum.item(), total_tokens
 
     def train_step(self, microbatches: list[dict]) -> dict:
-        """One iteration over a global batch; returns loss, grad norm and lr."""
+        """One iteration over a global batch; returns loss, grad norm, lr and loss scale."""
         lr = self.scheduler.step(self.optimizer)
-        for p in self.params:
-            p.grad = None
-        loss_sum, tokens = self._run_schedule(microbatches, forward_only=False)
-        finalize_model_grads(self.model, self.pstate)
-        grad_norm = global_grad_norm(self.params, self.pstate)
-        clip_grads(self.params, self.cfg.training.clip_grad, grad_norm)
-        self.optimizer.step()
+        loss_scale = self.optimizer.scaler.scale
+        self.buffer.start_grad_sync(len(microbatches))
+        loss_sum, tokens = self._run_schedule(microbatches, forward_only=False, loss_scale=loss_scale)
+        finalize_model_grads(self.model, self.pstate, self.buffer)
+        updated, grad_norm = self.optimizer.step()
         self.iteration += 1
         self.consumed_samples += self.cfg.training.global_batch_size
-        return {"loss": loss_sum / tokens, "grad_norm": grad_norm, "lr": lr}
+        self.skipped_iterations += not updated
+        loss = loss_sum / tokens
+        self.nan_iterations += not math.isfinite(loss) if self.is_logging_rank else 0
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": loss_scale, "updated": updated}
 
     @torch.no_grad()
     def evaluate(self, batches: BatchIterator, eval_iters: int) -> float:
@@ -155,6 +164,12 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
     ``lr``). The loss is known on the logging rank (last stage); elsewhere it is NaN."""
     train_ds, valid_ds, _ = datasets
     trainer = Trainer(cfg, pstate, vocab_size, device, log)
+    if pstate.rank == 0:
+        report = trainer.optimizer.memory_report()
+        log("> memory per parameter on rank 0 (bytes): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in report["per_param"].items()) +
+            f" | total {sum(report['per_param'].values()):.2f}"
+            + (f" (distributed optimizer over {pstate.dp_cp_size} ranks)" if trainer.optimizer.distributed else ""))
     train_batches = BatchIterator(train_ds, cfg, pstate, trainer.consumed_samples, device)
     valid_batches = BatchIterator(valid_ds, cfg, pstate, 0, device) if valid_ds is not None else None
     lg, t = cfg.logging, cfg.training
@@ -173,7 +188,8 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
                 tflops = trainer.flops_per_iteration() / (elapsed * 1e12 * pstate.world_size)
                 log(format_iteration_line(it, t.train_iters, trainer.consumed_samples, elapsed * 1000.0, tflops,
                                           stats["lr"], t.global_batch_size, sum(window_losses) / len(window_losses),
-                                          1.0, stats["grad_norm"], 0, 0))
+                                          stats["loss_scale"], stats["grad_norm"], trainer.skipped_iterations,
+                                          trainer.nan_iterations))
             window_losses, window_time = [], 0.0
         if valid_batches is not None and lg.eval_interval and it % lg.eval_interval == 0 and lg.eval_iters > 0:
             val = trainer.evaluate(valid_batches, lg.eval_iters)

@@ -1,10 +1,13 @@
 """Gradient synchronisation after the backward passes of one iteration.
 
-:func:`finalize_model_grads` does, each exactly once:
+:func:`finalize_model_grads` does, each exactly once, on the fp32 ``main_grad`` buffers:
 
-1. the data-parallel reduction (sum over the ``dp_cp`` group: the loss was already scaled by
-   1 / tokens of the whole global batch, so a sum gives the mean-over-tokens gradient);
-2. the all-reduce of the tied word-embedding grads between the first and last pipeline stage;
+1. the all-reduce of the tied word-embedding grads between the first and last pipeline stage
+   (before the DP reduction: the embedding sits at different buffer offsets on the two
+   stages, so with a reduce-scatter their shards would not line up afterwards);
+2. the data-parallel reduction (sum over ``dp_cp``; the loss was already scaled by 1 / tokens
+   of the whole global batch, so a sum gives the mean-over-tokens gradient), finishing the
+   buckets that backward hooks may have started;
 3. the all-reduce over TP of sequence-parallel params (norms, row-parallel biases), whose
    grads are partial sums over sequence shards.
 """
@@ -15,38 +18,41 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..parallel_state import ParallelState
+from .grad_buffer import GradBuffer
 
 
-def all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
-    """Sum ``grads`` over ``group`` with one all-reduce per dtype (flatten, reduce, copy back)."""
-    if not grads or group is None or dist.get_world_size(group) == 1:
+def all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    """Sum ``tensors`` over ``group`` with one all-reduce per dtype (flatten, reduce, copy back)."""
+    if not tensors or group is None or dist.get_world_size(group) == 1:
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for tensors in by_dtype.values():
-        flat = _flatten_dense_tensors(tensors)
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = _flatten_dense_tensors(same)
         dist.all_reduce(flat, group=group)
-        for g, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-            g.copy_(synced)
+        for t, synced in zip(same, _unflatten_dense_tensors(flat, same)):
+            t.copy_(synced)
 
 
-def embedding_grads(model_chunks) -> list[torch.Tensor]:
-    """Grads of the word-embedding copies a tied model keeps on its first and last stage."""
-    grads = []
-    for chunk in (model_chunks[0], model_chunks[-1]):
+def tied_embedding_params(model_chunks, pstate: ParallelState) -> list[torch.nn.Parameter]:
+    """The word-embedding copies of a tied model on its first and last stage (PP > 1 only)."""
+    if pstate.pp_size == 1:
+        return []
+    params = []
+    for chunk in model_chunks:
         emb = getattr(chunk, "word_embeddings", None)
-        if emb is not None and emb.weight.grad is not None and (chunk.pre_process or chunk.post_process):
-            if not chunk.cfg.untie_embeddings_and_output_weights and emb.weight.grad not in grads:
-                grads.append(emb.weight.grad)
-    return grads
+        if emb is not None and not chunk.cfg.untie_embeddings_and_output_weights:
+            params.append(emb.weight)
+    return params
 
 
-def finalize_model_grads(model_chunks, pstate: ParallelState, reduce_data_parallel: bool = True) -> None:
-    """Synchronise grads across DP, the embedding group and (for SP params) TP."""
-    params = [p for chunk in model_chunks for p in chunk.parameters() if p.grad is not None]
-    if reduce_data_parallel:
-        all_reduce_coalesced([p.grad for p in params], pstate.dp_cp_group)
-    if pstate.pp_size > 1 and pstate.in_embedding_group:
-        all_reduce_coalesced(embedding_grads(model_chunks), pstate.embedding_group)
-    all_reduce_coalesced([p.grad for p in params if getattr(p, "sequence_parallel", False)], pstate.tp_group)
+def finalize_model_grads(model_chunks, pstate: ParallelState, buffer: GradBuffer) -> None:
+    """Synchronise grads across the embedding group, DP and (for SP params) TP."""
+    if pstate.in_embedding_group:
+        all_reduce_coalesced([p.main_grad for p in tied_embedding_params(model_chunks, pstate)],
+                             pstate.embedding_group)
+    buffer.finish_grad_sync()
+    params = [p for chunk in model_chunks for p in chunk.parameters()]
+    all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],
+                         pstate.tp_group)

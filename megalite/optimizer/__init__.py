@@ -1,25 +1,22 @@
-"""Optimizers: AdamW with Megatron's weight-decay groups, LR schedules, grad clipping."""
+"""Optimizers: fp32-main-weight AdamW (optionally sharded over DP), loss scaling, LR schedules."""
 from __future__ import annotations
 
-import torch
-
 from ..config import Config
+from ..distributed.grad_buffer import GradBuffer
+from ..parallel_state import ParallelState
+from .loss_scaler import DynamicLossScaler, LossScaler, build_loss_scaler
+from .lr_scheduler import LRScheduler
+from .mixed_precision import MixedPrecisionOptimizer, parameter_fragments
 
 
-def param_groups(model_chunks, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases and norm params (1-D) without, as Megatron."""
-    decay, no_decay = [], []
-    for chunk in model_chunks:
-        for name, p in chunk.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model_chunks, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the parameters of this rank's model chunks."""
+def build_optimizer(model_chunks, buffer: GradBuffer, pstate: ParallelState, cfg: Config) -> MixedPrecisionOptimizer:
+    """AdamW over this rank's fragments (whole params, or its DP shard with the distributed optimizer)."""
     t = cfg.training
-    return torch.optim.AdamW(param_groups(model_chunks, t.weight_decay), lr=t.lr,
-                             betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    return MixedPrecisionOptimizer(
+        model_chunks, buffer, pstate, lr=t.lr, weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps, clip_grad=t.clip_grad, scaler=build_loss_scaler(t.fp16, t.loss_scale, t.initial_loss_scale),
+        distributed=cfg.parallel.use_distributed_optimizer)
+
+
+__all__ = ["build_optimizer", "MixedPrecisionOptimizer", "LRScheduler", "LossScaler", "DynamicLossScaler",
+           "parameter_fragments"]

@@ -1,0 +1,152 @@
+"""The optimizer of megalite: fp32 main weights, loss scaling, optional ZeRO-1 sharding.
+
+The optimizer updates *fragments*: contiguous ranges of the flat parameter buffer, each
+inside one parameter. Each fragment has an fp32 main tensor (a view of the parameter itself
+when the model is fp32, else an fp32 copy) whose ``.grad`` is a view of the fp32 grad buffer.
+
+* Without ``--use-distributed-optimizer`` a fragment is a whole parameter, on every rank.
+* With it, each data-parallel rank owns an equal shard of every bucket (see
+  :meth:`GradBuffer.shard_range`); its fragments are the pieces of parameters inside those
+  shards. The grads arrive reduce-scattered, the rank updates only its fragments (so its Adam
+  state and fp32 main weights are 1/DP of the model), then the params are all-gathered.
+
+Adam is elementwise, so updating fragments gives exactly the update of whole parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.grad_buffer import GradBuffer
+from ..parallel_state import ParallelState
+from .clip_grads import norm_counted
+from .loss_scaler import LossScaler
+
+
+@dataclass
+class Fragment:
+    """Elements ``[start, end)`` of the flat buffers; all inside ``param``."""
+    param: torch.nn.Parameter
+    start: int
+    end: int
+    main: torch.Tensor
+
+
+def parameter_fragments(buffer: GradBuffer, dp_rank: int | None) -> list[tuple[torch.nn.Parameter, int, int]]:
+    """``(param, start, end)`` buffer ranges this rank updates: whole params when ``dp_rank`` is
+    None, else the pieces of params inside ``dp_rank``'s shard of every bucket."""
+    pieces = []
+    for bucket in buffer.buckets:
+        lo, hi = (bucket.start, bucket.end) if dp_rank is None else buffer.shard_range(bucket, dp_rank)
+        for p in bucket.params:
+            p_start, p_end = buffer.param_range[id(p)]
+            start, end = max(lo, p_start), min(hi, p_end)
+            if start < end:
+                pieces.append((p, start, end))
+    return pieces
+
+
+def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Megatron's rule: no weight decay on biases and on 1-D params (norm weights)."""
+    return not (param.ndim == 1 or name.endswith(".bias"))
+
+
+class MixedPrecisionOptimizer:
+    """AdamW over fp32 main fragments, with grad unscaling, inf check, global-norm clipping."""
+
+    def __init__(self, model_chunks, buffer: GradBuffer, pstate: ParallelState, *, lr: float,
+                 weight_decay: float, betas: tuple[float, float], eps: float, clip_grad: float,
+                 scaler: LossScaler, distributed: bool = False):
+        self.buffer, self.pstate, self.clip_grad, self.scaler = buffer, pstate, clip_grad, scaler
+        self.distributed = distributed and pstate.dp_cp_size > 1
+        decays = {id(p): uses_weight_decay(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()}
+        fp32_model = buffer.param_data.dtype == torch.float32
+        self.fragments = []
+        for p, start, end in parameter_fragments(buffer, pstate.dp_cp_rank if self.distributed else None):
+            main = buffer.param_data[start:end]
+            main = main if fp32_model else main.float()  # fp32 model: update the params in place
+            main.grad = buffer.grad_data[start:end]
+            self.fragments.append(Fragment(p, start, end, main))
+        groups = [{"params": [f.main for f in self.fragments if decays[id(f.param)]], "weight_decay": weight_decay},
+                  {"params": [f.main for f in self.fragments if not decays[id(f.param)]], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        self.copy_back = not fp32_model
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [f.main.grad for f in self.fragments]
+
+    def _found_inf(self) -> bool:
+        flag = torch.zeros(1, device=self.buffer.grad_data.device)
+        grads = self._grads()
+        if grads:
+            flag = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must skip together
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the (unscaled) grads: every element of the model counted once."""
+        counted = [f.main.grad for f in self.fragments if norm_counted(f.param, self.pstate.tp_rank)]
+        total = torch.zeros(1, dtype=torch.float32, device=self.buffer.grad_data.device)
+        if counted:
+            total += torch.stack([g.float().pow(2).sum() for g in counted]).sum()
+        groups = [self.pstate.mp_group] + ([self.pstate.dp_cp_group] if self.distributed else [])
+        for group in groups:
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(total, group=group)
+        return total.sqrt().item()
+
+    def step(self) -> tuple[bool, float]:
+        """Unscale, check for inf/nan (skip the step if any), clip, update, publish params.
+
+        Returns ``(updated, grad_norm)``; the norm is NaN for a skipped step."""
+        grads = self._grads()
+        if self.scaler.scale != 1.0 and grads:
+            torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+        if self.scaler.dynamic and self._found_inf():
+            self.scaler.update(found_inf=True)
+            return False, float("nan")
+        self.scaler.update(found_inf=False)
+        norm = self.grad_norm()
+        if self.clip_grad > 0 and norm > self.clip_grad and grads:
+            torch._foreach_mul_(grads, self.clip_grad / (norm + 1e-6))
+        self.optimizer.step()
+        if self.copy_back:
+            for f in self.fragments:
+                self.buffer.param_data[f.start:f.end].copy_(f.main)
+        if self.distributed:
+            self.buffer.all_gather_params()
+        return True, norm
+
+    # -- accounting and state ------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Bytes this rank holds for params, grads, fp32 main params and Adam state, and per
+        parameter of this rank's model (Megatron: 18 B/param for bf16, 6 + 12/DP distributed)."""
+        model_numel = sum(p.numel() for p in self.buffer.params)
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        if not self.optimizer.state:  # before the first step: what Adam will allocate
+            state = sum(2 * f.main.numel() * 4 for f in self.fragments)
+        report = {"params": model_numel * self.buffer.param_data.element_size(),
+                  "grads": self.buffer.grad_data.numel() * self.buffer.grad_data.element_size(),
+                  "main_params": sum(f.main.numel() * 4 for f in self.fragments) if self.copy_back else 0,
+                  "optimizer_state": state}
+        report["per_param"] = {k: v / model_numel for k, v in list(report.items())}
+        return report
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "main": [f.main.detach().clone() for f in self.fragments] if self.copy_back else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state.get("main") is not None:
+            for f, main in zip(self.fragments, state["main"]):
+                f.main.copy_(main)
