@@ -41,6 +41,9 @@ class ModelConfig:
     recompute_granularity: str | None = flag(None, "activation recompute", choices=["full", "selective"])
     recompute_method: str | None = flag(None, "which layers to recompute with full", choices=["uniform", "block"])
     recompute_num_layers: int | None = flag(None, "layers per recompute chunk (uniform) or recomputed (block)")
+    use_flash_attn: bool = flag(False, "FlashAttention kernels for core attention (CUDA, fp16/bf16; pip install flash-attn)")
+    transformer_impl: str = flag("local", "norm/attention kernels: local (torch) or transformer_engine (CUDA)",
+                                 choices=["local", "transformer_engine"])
 
 
 @dataclass
@@ -103,9 +106,18 @@ class LoggingConfig:
     load: str | None = flag(None, "checkpoint directory to resume from")
     save_interval: int | None = flag(None, "iterations between checkpoints")
     exit_interval: int | None = flag(None, "stop after an iteration divisible by this")
+    exit_signal_handler: bool = flag(False, "on SIGTERM, save a checkpoint after the current iteration and exit")
+    keep_last: int | None = flag(None, "keep only the newest K checkpoints under --save")
+    finetune: bool = flag(False, "load only the model weights from --load; start at iteration 0")
+    no_load_optim: bool = flag(False, "do not load the optimizer state from --load")
+    no_load_rng: bool = flag(False, "do not load the RNG states from --load")
+    inject_fault_at_iteration: int | None = flag(None, "testing: kill --inject-fault-rank after this iteration")
+    inject_fault_rank: int = flag(0, "testing: the rank --inject-fault-at-iteration kills")
     tensorboard_dir: str | None = flag(None, "write TensorBoard events here")
     wandb_project: str | None = flag(None, "Weights & Biases project")
     wandb_exp_name: str | None = flag(None, "Weights & Biases run name")
+    wandb_save_dir: str | None = flag(None, "directory for the W&B run files (offline runs: sync later)")
+    peak_tflops: float | None = flag(None, "device peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak; none on CPU)")
     timeline_file: str | None = flag(None, "record per-rank pipeline timeline events (JSON) here")
 
 
@@ -244,9 +256,14 @@ def validate(cfg: Config) -> None:
         errors.append(f"--data-path with several datasets takes weight/prefix pairs, got {len(d.data_path)} values")
     if m.recompute_granularity == "full" and m.recompute_method is None:
         errors.append("--recompute-granularity full needs --recompute-method uniform|block")
+    from .model.backends import missing_backends  # lazy: the model package imports this module
+    errors.extend(missing_backends(m))
+    from .monitoring import missing_monitoring_backends  # lazy: tensorboard / wandb are optional
+    errors.extend(missing_monitoring_backends(cfg.logging))
     if errors:
         raise ValueError("; ".join(errors))
-    if m.ffn_hidden_size is None:
-        m.ffn_hidden_size = 4 * m.hidden_size
+    if m.ffn_hidden_size is None:  # Megatron's rule: 4h, or 2/3 of it rounded down to 64 for SwiGLU
+        m.ffn_hidden_size = (max(64, int(4 * m.hidden_size * 2 / 3 / 64) * 64) if m.swiglu
+                             else 4 * m.hidden_size)
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters

@@ -9,6 +9,8 @@ argument parsing and data building. One iteration (:func:`train_step`)::
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 
 import numpy as np
@@ -19,8 +21,10 @@ from .config import Config
 from .data.samplers import MegatronPretrainingSampler
 from .distributed.finalize import finalize_model_grads, tied_embedding_params
 from .distributed.grad_buffer import GradBuffer
-from .flops import num_floating_point_operations
+from .flops import model_flops_per_iteration
+from .checkpointing import load_checkpoint, read_tracker, save_checkpoint
 from .model import build_model
+from .monitoring import TrainingMonitor
 from .model.context_parallel import get_batch_on_this_cp_rank
 from .optimizer import build_optimizer
 from .optimizer.lr_scheduler import LRScheduler
@@ -91,7 +95,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.buffer, pstate, cfg)
         self.scheduler = LRScheduler(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters, t.lr_decay_style,
                                      t.lr_wsd_decay_iters)
-        self.timeline = Timeline(pstate.rank) if cfg.logging.timeline_file else None
+        self.timeline = (Timeline(pstate.rank, pp_size=pstate.pp_size, pp_rank=pstate.pp_rank, vpp_size=len(self.model),
+                                  microbatches=cfg.num_microbatches, tp_rank=pstate.tp_rank, dp_rank=pstate.dp_rank)
+                         if cfg.logging.timeline_file else None)
         seq = cfg.model.seq_length // pstate.cp_size
         if cfg.parallel.sequence_parallel:
             seq //= pstate.tp_size
@@ -99,7 +105,7 @@ class Trainer:
         self.schedule = get_schedule(pstate.pp_size, len(self.model), cfg.parallel.pipeline_schedule)
         self.padded_vocab_size = self.model[0].padded_vocab_size
         self.iteration = self.consumed_samples = 0
-        self.skipped_iterations = self.nan_iterations = 0
+        self.skipped_iterations = self.nan_iterations = self.consumed_valid_samples = 0
 
     def _run_schedule(self, microbatches: list[dict], forward_only: bool, loss_scale: float = 1.0) -> tuple[float, float]:
         """Run the schedule; return (sum of token losses, number of tokens) over the global batch."""
@@ -123,7 +129,10 @@ class Trainer:
         lr = self.scheduler.step(self.optimizer)
         loss_scale = self.optimizer.scaler.scale
         self.buffer.start_grad_sync(len(microbatches))
+        start = time.perf_counter()
         loss_sum, tokens = self._run_schedule(microbatches, forward_only=False, loss_scale=loss_scale)
+        if self.timeline is not None:  # the span tools/plot_timeline.py cuts the last iteration by
+            self.timeline.record("iteration", start, time.perf_counter())
         finalize_model_grads(self.model, self.pstate, self.buffer)
         updated, grad_norm = self.optimizer.step()
         self.iteration += 1
@@ -139,6 +148,7 @@ class Trainer:
         loss_sum = tokens = 0.0
         for _ in range(eval_iters):
             s, n = self._run_schedule(batches.next_microbatches(self.cfg.num_microbatches), forward_only=True)
+            self.consumed_valid_samples += self.cfg.training.global_batch_size
             loss_sum, tokens = loss_sum + s, tokens + n
         return loss_sum / max(tokens, 1.0)
 
@@ -148,14 +158,53 @@ class Trainer:
         ps = self.pstate
         return ps.is_pipeline_last_stage() and ps.tp_rank == 0 and ps.dp_rank == 0 and ps.cp_rank == 0
 
-    def flops_per_iteration(self) -> float:
-        m = self.cfg.model
-        return num_floating_point_operations(
-            batch_size=self.cfg.training.global_batch_size, seq_length=m.seq_length, num_layers=m.num_layers,
-            hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-            num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
-            padded_vocab_size=self.padded_vocab_size, swiglu=m.swiglu,
-            full_recompute=m.recompute_granularity == "full")
+    def flops_per_iteration(self, include_recompute: bool = True) -> float:
+        """FLOPs of one iteration (megalite/flops.py); without recompute: the model FLOPs of MFU."""
+        layers_per_chunk = self.cfg.model.num_layers // (self.pstate.pp_size * len(self.model))
+        return model_flops_per_iteration(self.cfg.model, self.cfg.training.global_batch_size,
+                                         self.padded_vocab_size, include_recompute, layers_per_chunk)
+
+
+class StopConditions:
+    """When to save and stop: ``--save-interval``, ``--exit-interval``, SIGTERM with
+    ``--exit-signal-handler`` (agreed by all ranks), and the test-only fault injection."""
+
+    def __init__(self, cfg: Config, pstate: ParallelState):
+        self.cfg, self.pstate, self.reason = cfg, pstate, ""
+        self.signalled = self.signalled_now = False
+        if cfg.logging.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signalled = True
+
+    def _any_rank_signalled(self) -> bool:
+        flag = torch.tensor([float(self.signalled)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def should_exit(self, iteration: int) -> bool:
+        lg = self.cfg.logging
+        if lg.exit_interval and iteration % lg.exit_interval == 0:
+            self.reason = f"--exit-interval {lg.exit_interval}"
+            return True
+        if lg.exit_signal_handler and self.signalled_now:
+            self.reason = "SIGTERM"
+            return True
+        return False
+
+    def should_save(self, iteration: int) -> bool:
+        lg = self.cfg.logging
+        self.signalled_now = lg.exit_signal_handler and self._any_rank_signalled()
+        return bool((lg.save_interval and iteration % lg.save_interval == 0) or self.signalled_now
+                    or (lg.exit_interval and iteration % lg.exit_interval == 0))
+
+    def inject_fault(self, iteration: int) -> None:
+        lg = self.cfg.logging
+        if lg.inject_fault_at_iteration == iteration and self.pstate.rank == lg.inject_fault_rank:
+            print(f"> injected fault: rank {self.pstate.rank} exits after iteration {iteration}", flush=True)
+            os._exit(17)
 
 
 def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, device=torch.device("cpu"),
@@ -170,18 +219,30 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
             f"{k} {v:.2f}" for k, v in report["per_param"].items()) +
             f" | total {sum(report['per_param'].values()):.2f}"
             + (f" (distributed optimizer over {pstate.dp_cp_size} ranks)" if trainer.optimizer.distributed else ""))
+    if cfg.logging.load:
+        load_checkpoint(trainer, cfg.logging.load, finetune=cfg.logging.finetune,
+                        load_optim=not cfg.logging.no_load_optim, load_rng=not cfg.logging.no_load_rng, log=log)
     train_batches = BatchIterator(train_ds, cfg, pstate, trainer.consumed_samples, device)
-    valid_batches = BatchIterator(valid_ds, cfg, pstate, 0, device) if valid_ds is not None else None
+    valid_batches = None
+    if valid_ds is not None:
+        valid_batches = BatchIterator(valid_ds, cfg, pstate, trainer.consumed_valid_samples % len(valid_ds), device)
+    stop = StopConditions(cfg, pstate)
+    monitor = TrainingMonitor(cfg, enabled=trainer.is_logging_rank, world_size=pstate.world_size,
+                              flops_per_iteration=trainer.flops_per_iteration(),
+                              model_flops_per_iteration=trainer.flops_per_iteration(include_recompute=False),
+                              device=device, log=log)
     lg, t = cfg.logging, cfg.training
     history: list[dict] = []
     window_losses, window_time = [], 0.0
     for _ in range(trainer.iteration, t.train_iters):
         start = time.perf_counter()
         stats = trainer.train_step(train_batches.next_microbatches(cfg.num_microbatches))
-        window_time += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        window_time += seconds
         history.append({**stats, "loss": stats["loss"] if trainer.is_logging_rank else math.nan})
         window_losses.append(stats["loss"])
         it = trainer.iteration
+        monitor.iteration(it, stats, seconds)  # TensorBoard / W&B scalars (logging rank only)
         if it % lg.log_interval == 0 or it == t.train_iters:
             elapsed = window_time / len(window_losses)
             if trainer.is_logging_rank:
@@ -190,11 +251,22 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
                                           stats["lr"], t.global_batch_size, sum(window_losses) / len(window_losses),
                                           stats["loss_scale"], stats["grad_norm"], trainer.skipped_iterations,
                                           trainer.nan_iterations))
+                log(monitor.progress_line(it, elapsed))  # tokens/s, MFU, ETA: a line of its own
             window_losses, window_time = [], 0.0
         if valid_batches is not None and lg.eval_interval and it % lg.eval_interval == 0 and lg.eval_iters > 0:
             val = trainer.evaluate(valid_batches, lg.eval_iters)
             if trainer.is_logging_rank:
                 log(format_validation_line(f"iteration {it}", val))
+                monitor.validation(it, val)
+        if stop.should_save(it) and cfg.logging.save:
+            save_checkpoint(trainer, cfg.logging.save, cfg.logging.keep_last, log=log)
+        stop.inject_fault(it)
+        if stop.should_exit(it):
+            log(f"> exiting after iteration {it} ({stop.reason})") if pstate.rank == 0 else None
+            break
+    if cfg.logging.save and trainer.iteration > 0 and read_tracker(cfg.logging.save) != trainer.iteration:
+        save_checkpoint(trainer, cfg.logging.save, cfg.logging.keep_last, log=log)
     if trainer.timeline is not None:
         trainer.timeline.save(cfg.logging.timeline_file)
+    monitor.close()
     return history

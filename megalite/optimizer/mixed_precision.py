@@ -73,6 +73,7 @@ class MixedPrecisionOptimizer:
                   {"params": [f.main for f in self.fragments if not decays[id(f.param)]], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
         self.copy_back = not fp32_model
+        self.num_updates = 0  # successful steps: Adam's step count (saved in checkpoints)
 
     @property
     def param_groups(self):
@@ -117,6 +118,7 @@ class MixedPrecisionOptimizer:
         if self.clip_grad > 0 and norm > self.clip_grad and grads:
             torch._foreach_mul_(grads, self.clip_grad / (norm + 1e-6))
         self.optimizer.step()
+        self.num_updates += 1
         if self.copy_back:
             for f in self.fragments:
                 self.buffer.param_data[f.start:f.end].copy_(f.main)

