@@ -20,6 +20,7 @@ from ..tensor_parallel import (VocabParallelEmbedding, checkpoint, init_method_n
                                parallel_lm_logits, scatter_to_sequence_parallel,
                                vocab_parallel_cross_entropy)
 from ..tensor_parallel.random import RNGStatesTracker
+from .context_parallel import local_positions
 from .transformer import ParallelContext, TransformerLayer, build_norm, rotary_cos_sin
 
 # Offsets of the per-module init seeds (added to the base seed).
@@ -102,8 +103,9 @@ class GPTModel(nn.Module):
         non-last stages, the per-token loss ``[b, s]`` (fp32) on the last stage when labels are
         given, else the vocab-parallel logits ``[b, s, vocab/tp]``.
         """
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        if position_ids is None:  # global positions: under CP, those of this rank's chunks
+            position_ids = local_positions(input_ids.shape[1] * self.pstate.cp_size, self.pstate.cp_rank,
+                                           self.pstate.cp_size, input_ids.device).unsqueeze(0)
         x = self._embed(input_ids, position_ids) if self.pre_process else self.input_tensor
         rotary = None
         if self.cfg.position_embedding_type == "rope":

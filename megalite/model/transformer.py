@@ -22,12 +22,13 @@ from ..parallel_state import ParallelState
 from ..tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
                                init_method_normal, scaled_init_method_normal)
 from ..tensor_parallel.random import RNGStatesTracker
+from . import backends
+from .context_parallel import context_parallel_attention
 
 
 def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
     """LayerNorm or RMSNorm; under SP its params get partial grads (``sequence_parallel``)."""
-    norm_cls = nn.LayerNorm if cfg.normalization == "LayerNorm" else nn.RMSNorm
-    norm = norm_cls(cfg.hidden_size, eps=cfg.norm_epsilon)
+    norm = backends.norm_class(cfg)(cfg.hidden_size, eps=cfg.norm_epsilon)
     for p in norm.parameters():
         p.sequence_parallel = sequence_parallel
     return norm
@@ -72,6 +73,10 @@ class Attention(nn.Module):
         self.ctx, self.cfg = ctx, cfg
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.num_heads = cfg.num_attention_heads // tp
+        if cfg.num_query_groups % tp or cfg.num_attention_heads % cfg.num_query_groups:
+            raise ValueError(f"{cfg.num_query_groups} key/value groups (--num-query-groups) must divide "
+                             f"{cfg.num_attention_heads} heads and be divisible by tensor-parallel size {tp}: "
+                             "KV heads are split across TP ranks")
         self.num_groups = cfg.num_query_groups // tp
         self.q_per_group = cfg.num_attention_heads // cfg.num_query_groups
         qkv_size = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * self.head_dim
@@ -83,7 +88,9 @@ class Attention(nn.Module):
                                       init_method=scaled_init_method_normal(cfg.init_method_std, cfg.num_layers),
                                       **common)
         self.selective_recompute = cfg.recompute_granularity == "selective"
-        self.core_attention = sdpa_attention  # replaced by context-parallel attention when CP > 1
+        # Context parallelism needs keys from other ranks: it has its own (torch) attention.
+        self.core_attention = (context_parallel_attention if ctx.pstate.cp_size > 1
+                               else backends.core_attention_fn(cfg))
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         qkv = self.qkv(x)

@@ -7,10 +7,17 @@ import time
 
 
 class Timeline:
-    """Collects ``(kind, start, end)`` events with times relative to its creation."""
+    """Collects ``(kind, start, end)`` events with times relative to its creation.
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    Kinds: ``forward``, ``backward`` (schedules), ``comm`` (p2p) and ``iteration`` (the span of
+    one training iteration's schedule, so a plot can pick the last iteration). ``meta`` (pipeline
+    sizes, micro-batches) is saved along for the theoretical bubble. ``origin`` is saved too: it
+    is ``time.perf_counter()``, a clock shared by the processes of one machine, so the ranks'
+    files can be put on one time axis.
+    """
+
+    def __init__(self, rank: int, **meta):
+        self.rank, self.meta = rank, meta
         self.origin = time.perf_counter()
         self.events: list[tuple[str, float, float]] = []
 
@@ -22,4 +29,4 @@ class Timeline:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         with open(f"{path}.rank{self.rank}.json", "w") as f:
-            json.dump({"rank": self.rank, "events": self.events}, f)
+            json.dump({"rank": self.rank, "origin": self.origin, "meta": self.meta, "events": self.events}, f)
