@@ -12,7 +12,7 @@ setup(
     install_requires=["torch", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-timeout", "tokenizers", "sentencepiece", "matplotlib",
-                 "tensorboard", "safetensors", "transformers"],
+                 "tensorboard", "safetensors", "transformers", "regex"],
         "data": ["tokenizers", "sentencepiece"],
         "plot": ["matplotlib"],
         "gpu": ["flash-attn", "transformer-engine"],
