@@ -7,6 +7,7 @@ This file is the only place that reads the launcher's environment variables.
 """
 import datetime
 import os
+import socket
 import sys
 
 import torch
@@ -16,7 +17,7 @@ from megalite.config import parse_args
 from megalite.data.build import build_datasets
 from megalite.monitoring import rank_table_for
 from megalite.parallel_state import ParallelState, default_backend
-from megalite.training import pretrain
+from megalite.training import check_same_flags_on_all_ranks, pretrain
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -41,11 +42,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def log_node_ranks(pstate: ParallelState, log) -> None:
+    """Each node's local rank 0 prints one line: the node, its ranks and their (tp, pp, dp, cp)."""
+    node = (os.environ.get("GROUP_RANK", "0"), os.environ.get("GROUP_WORLD_SIZE", "1"), socket.gethostname())
+    coords = (pstate.tp_rank, pstate.pp_rank, pstate.dp_rank, pstate.cp_rank)
+    everyone = [None] * pstate.world_size
+    dist.all_gather_object(everyone, (node, pstate.rank, coords))  # collective: every rank joins
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        ranks = ", ".join(f"{r} (tp {t}, pp {p}, dp {d}, cp {c})"
+                          for n, r, (t, p, d, c) in sorted(everyone, key=lambda e: e[1]) if n == node)
+        log(f"megalite: node {node[0]} of {node[1]} ({node[2]}): ranks {ranks}")
+
+
 def main(argv=None) -> None:
     rank, world_size, device = init_distributed()
     cfg = parse_args(argv, world_size=world_size)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if dist.is_initialized():  # torchrun counts restarts per node: a node restarted because another
+        counts = [None] * world_size  # node re-joined the rendezvous keeps its count; agree on the max
+        dist.all_gather_object(counts, restarts)
+        restarts = max(counts)
+    if restarts > 0:
         cfg.logging.inject_fault_at_iteration = None  # the fault is injected in the first attempt only
+    check_same_flags_on_all_ranks(cfg)  # before the process groups, which differing flags would hang
     p = cfg.parallel
     vpp = None
     if p.num_layers_per_virtual_pipeline_stage:
@@ -59,6 +78,8 @@ def main(argv=None) -> None:
             f"CP {pstate.cp_size} x DP {pstate.dp_size}; {cfg.num_microbatches} micro-batches of "
             f"{cfg.training.micro_batch_size} per iteration; device {device.type}")
         log(rank_table_for(cfg))  # which rank holds which (tp, pp, dp, cp) and which layers
+    if dist.is_initialized() and world_size > 1:
+        log_node_ranks(pstate, log)
     # Rank 0 builds the data caches first; the others then only read them.
     if rank == 0:
         datasets, vocab_size = build_datasets(cfg, log)

@@ -36,7 +36,8 @@ from .checkpoint_format import (assemble, fsync_dir, global_name, named_global_p
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FIELDS_THAT_MUST_MATCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                 "num_query_groups", "position_embedding_type", "normalization", "swiglu",
-                                "disable_bias_linear", "untie_embeddings_and_output_weights")
+                                "disable_bias_linear", "untie_embeddings_and_output_weights", "openai_gelu")
+MODEL_FIELD_DEFAULTS = {"openai_gelu": False}  # fields added after older checkpoints were written
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -48,7 +49,8 @@ def read_tracker(root: str) -> int | None:
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as f:
+        text = f.read().strip()
     if not text.isdigit():
         raise ValueError(f"{path}: expected an iteration number, found {text!r}")
     return int(text)
@@ -170,6 +172,7 @@ def _load_verified(directory: str, manifest: dict, name: str):
 
 def _check_model_config(saved: dict, cfg, directory: str) -> None:
     saved_model = saved["config"]["model"]
+    saved_model = {**MODEL_FIELD_DEFAULTS, **saved_model}
     diffs = [f"--{k.replace('_', '-')}: checkpoint {saved_model.get(k)!r}, now {getattr(cfg.model, k)!r}"
              for k in MODEL_FIELDS_THAT_MUST_MATCH if saved_model.get(k) != getattr(cfg.model, k)]
     if diffs:
@@ -187,7 +190,8 @@ def load_checkpoint(trainer, root: str, finetune: bool = False, load_optim: bool
     manifest_path = os.path.join(directory, "manifest.json")
     if not os.path.exists(manifest_path):
         raise FileNotFoundError(f"checkpoint {directory} is incomplete: {manifest_path} is missing")
-    manifest = json.load(open(manifest_path))
+    with open(manifest_path) as f:
+        manifest = json.load(f)
     common = _load_verified(directory, manifest, "common.pt")
     _check_model_config(common, trainer.cfg, directory)
     ps, src = trainer.pstate, common["layout"]
@@ -212,7 +216,9 @@ def load_checkpoint(trainer, root: str, finetune: bool = False, load_optim: bool
             trainer.optimizer.scaler.load_state_dict(common["scaler"])
             trainer.optimizer.num_updates = common["adam_step"]
     if load_rng and not finetune:
-        if (src["world"], src["tp"], src["pp"], src["dp"], src["cp"]) == \
+        if not any(name.startswith("rng_") for name in manifest):  # e.g. converted from Hugging Face
+            log(f"> checkpoint {directory} holds no RNG states: not restored") if ps.rank == 0 else None
+        elif (src["world"], src["tp"], src["pp"], src["dp"], src["cp"]) == \
                 (ps.world_size, ps.tp_size, ps.pp_size, ps.dp_size, ps.cp_size):
             _restore_rng(trainer, _load_verified(directory, manifest, f"rng_rank{ps.rank:05d}.pt"))
         elif ps.rank == 0:
@@ -243,7 +249,7 @@ def _restore_tensors(trainer, pieces: dict, with_optim: bool, adam_step: int, di
             f.main.copy_(source.reshape(-1)[f.start - start:f.end - start])
         if with_optim:
             opt.optimizer.state[f.main] = {
-                "step": torch.tensor(float(adam_step)),
+                "step": torch.tensor(float(adam_step), device=f.main.device),  # fused AdamW: on the params' device
                 "exp_avg": state["exp_avg"].reshape(-1)[f.start - start:f.end - start].clone().to(f.main.device),
                 "exp_avg_sq": state["exp_avg_sq"].reshape(-1)[f.start - start:f.end - start].clone().to(f.main.device)}
 

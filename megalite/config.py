@@ -32,6 +32,7 @@ class ModelConfig:
     normalization: str = flag("LayerNorm", "normalisation layer", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = flag(1e-5, "epsilon of LayerNorm / RMSNorm")
     swiglu: bool = flag(False, "SwiGLU MLP instead of GELU")
+    openai_gelu: bool = flag(False, "tanh-approximate GELU (OpenAI GPT-2's gelu_new) instead of the exact erf GELU")
     disable_bias_linear: bool = flag(False, "no biases in linear layers")
     untie_embeddings_and_output_weights: bool = flag(False, "separate output layer weights")
     init_method_std: float = flag(0.02, "std of the normal weight initialisation")
@@ -235,6 +236,9 @@ def validate(cfg: Config) -> None:
             errors.append(f"interleaved pipeline schedule needs the number of micro-batches "
                           f"({cfg.num_microbatches} = global batch / (micro batch x DP)) to be a multiple of "
                           f"--pipeline-model-parallel-size {pp}")
+    if p.pipeline_schedule == "gpipe" and p.num_layers_per_virtual_pipeline_stage is not None:
+        errors.append("--pipeline-schedule gpipe does not support --num-layers-per-virtual-pipeline-stage "
+                      "(virtual stages use the interleaved 1F1B schedule)")
     if p.sequence_parallel and tp == 1:
         errors.append("--sequence-parallel requires --tensor-model-parallel-size > 1")
     if p.sequence_parallel and (m.seq_length // cp) % tp:

@@ -8,6 +8,8 @@ argument parsing and data building. One iteration (:func:`train_step`)::
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -59,13 +61,44 @@ class BatchIterator:
             except StopIteration:
                 raise RuntimeError(f"the dataset ran out of samples ({len(self.dataset)}); "
                                    "lower --train-iters / --eval-iters or use more data") from None
-            samples = torch.from_numpy(np.stack([self.dataset[i] for i in idx]).astype(np.int64))
+            items = [self.dataset[i] for i in idx]
+            # A sample is seq_length + 1 token ids, or a dict {"tokens": those ids, "loss_mask":
+            # seq_length weights of the labels} for data that excludes some tokens from the loss.
+            masked = isinstance(items[0], dict)
+            samples = torch.from_numpy(np.stack([x["tokens"] if masked else x for x in items]).astype(np.int64))
             samples = samples.to(self.device)
             tokens, labels = samples[:, :-1].contiguous(), samples[:, 1:].contiguous()
-            batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float32)}
+            mask = (torch.from_numpy(np.stack([x["loss_mask"] for x in items]).astype(np.float32)).to(self.device)
+                    if masked else torch.ones_like(labels, dtype=torch.float32))
+            batch = {"tokens": tokens, "labels": labels, "loss_mask": mask}
             # Context parallel: keep this CP rank's (load-balanced) chunks, with global position ids.
             batches.append(get_batch_on_this_cp_rank(batch, self.cp_rank, self.cp_size))
         return batches
+
+
+def check_same_flags_on_all_ranks(cfg: Config) -> None:
+    """Raise on every rank, naming the ranks and flags, when ranks were launched with different flags.
+
+    Nodes started from different scripts would otherwise build different process groups or
+    models and hang in a collective, exchange p2p tensors of different sizes (gloo fills a
+    larger receive buffer only partly, silently), or simply train on (e.g. a different --lr).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flags = {f"--{name.replace('_', '-')}": value for section in dataclasses.asdict(cfg).values()
+             if isinstance(section, dict) for name, value in section.items()}
+    everyone = [None] * dist.get_world_size()
+    digest = hashlib.md5(repr(sorted(flags.items())).encode()).hexdigest()  # (hash() differs per process)
+    dist.all_gather_object(everyone, digest)  # small, also with thousands of ranks
+    if len(set(everyone)) == 1:
+        return
+    dist.all_gather_object(everyone, flags)  # they differ: gather the flags to say which
+    differing = {rank: [f"{k} {v!r} (rank 0: {everyone[0].get(k)!r})" for k, v in theirs.items()
+                        if everyone[0].get(k) != v] for rank, theirs in enumerate(everyone)}
+    differing = {rank: diffs for rank, diffs in differing.items() if diffs}
+    if differing:
+        shown = "; ".join(f"rank {rank}: {', '.join(diffs)}" for rank, diffs in list(differing.items())[:8])
+        raise ValueError(f"ranks {sorted(differing)} were launched with different flags than rank 0: {shown}")
 
 
 def loss_step(chunk, microbatch):
@@ -112,17 +145,18 @@ class Trainer:
         tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1).double()
         if self.pstate.dp_cp_group is not None and self.pstate.dp_cp_size > 1:
             dist.all_reduce(tokens, group=self.pstate.dp_cp_group)
-        total_tokens = tokens.item()
+        grad_scale = (loss_scale / tokens[0]).float()  # a tensor: no host sync before the forward on CUDA
         for chunk in self.model:
-            chunk.train(not forward_only)
-        losses = self.schedule(loss_step, self.model, microbatches, grad_scale=loss_scale / total_tokens,
+            if chunk.training == forward_only:  # switch modes only when needed (a walk over all modules)
+                chunk.train(not forward_only)
+        losses = self.schedule(loss_step, self.model, microbatches, grad_scale=grad_scale,
                                p2p=self.p2p, forward_only=forward_only, timeline=self.timeline)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         for loss, _ in losses:
             loss_sum += loss.double()
         if self.pstate.dp_cp_group is not None and self.pstate.dp_cp_size > 1:
             dist.all_reduce(loss_sum, group=self.pstate.dp_cp_group)
-        return loss_sum.item(), total_tokens
+        return loss_sum.item(), tokens.item()
 
     def train_step(self, microbatches: list[dict]) -> dict:
         """One iteration over a global batch; returns loss, grad norm, lr and loss scale."""
@@ -169,8 +203,8 @@ class StopConditions:
     """When to save and stop: ``--save-interval``, ``--exit-interval``, SIGTERM with
     ``--exit-signal-handler`` (agreed by all ranks), and the test-only fault injection."""
 
-    def __init__(self, cfg: Config, pstate: ParallelState):
-        self.cfg, self.pstate, self.reason = cfg, pstate, ""
+    def __init__(self, cfg: Config, pstate: ParallelState, device=torch.device("cpu")):
+        self.cfg, self.pstate, self.reason, self.device = cfg, pstate, "", device
         self.signalled = self.signalled_now = False
         if cfg.logging.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_signal)
@@ -179,7 +213,7 @@ class StopConditions:
         self.signalled = True
 
     def _any_rank_signalled(self) -> bool:
-        flag = torch.tensor([float(self.signalled)])
+        flag = torch.tensor([float(self.signalled)], device=self.device)  # NCCL reduces CUDA tensors only
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -211,6 +245,7 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
              log=print) -> list[dict]:
     """Train for ``--train-iters`` iterations; return per-iteration stats (``loss``, ``grad_norm``,
     ``lr``). The loss is known on the logging rank (last stage); elsewhere it is NaN."""
+    check_same_flags_on_all_ranks(cfg)
     train_ds, valid_ds, _ = datasets
     trainer = Trainer(cfg, pstate, vocab_size, device, log)
     if pstate.rank == 0:
@@ -226,7 +261,7 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
     valid_batches = None
     if valid_ds is not None:
         valid_batches = BatchIterator(valid_ds, cfg, pstate, trainer.consumed_valid_samples % len(valid_ds), device)
-    stop = StopConditions(cfg, pstate)
+    stop = StopConditions(cfg, pstate, device)
     monitor = TrainingMonitor(cfg, enabled=trainer.is_logging_rank, world_size=pstate.world_size,
                               flops_per_iteration=trainer.flops_per_iteration(),
                               model_flops_per_iteration=trainer.flops_per_iteration(include_recompute=False),

@@ -1,8 +1,10 @@
 """Checkpoints: exact resume, resharding across layouts, atomicity and verification."""
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -49,6 +51,17 @@ def test_reshard_continues_like_the_original_layout(tmp_path, src, src_world, ds
     straight = train(nodrop + src, src_world)
     train(nodrop + src + ["--save", save, "--exit-interval", "10"], src_world)
     resumed = train(nodrop + dst + ["--load", save], dst_world)
+    for a, b in zip(straight["loss"][10:], resumed["loss"]):
+        assert abs(a - b) <= 1e-5 * a, (straight["loss"][10:], resumed["loss"])
+
+
+def test_reshard_swiglu_with_biases(tmp_path):
+    """SwiGLU fc1 weight *and bias* hold [gate_r; up_r] per TP rank: both must reassemble."""
+    flags = TINY + ["--train-iters", "12", "--lr-decay-style", "linear", "--swiglu", "--lr", "0.03"]  # biases grow
+    save = str(tmp_path / "ckpt")
+    straight = train(flags + ["--tensor-model-parallel-size", "2"], 2)
+    train(flags + ["--tensor-model-parallel-size", "2", "--save", save, "--exit-interval", "10"], 2)
+    resumed = train(flags + ["--load", save], 1)
     for a, b in zip(straight["loss"][10:], resumed["loss"]):
         assert abs(a - b) <= 1e-5 * a, (straight["loss"][10:], resumed["loss"])
 
@@ -110,7 +123,16 @@ LOSS_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*\| lm loss: ([0-9.E+-]+) \|"
 def _torchrun(args, extra_torchrun=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra_torchrun,
            os.path.join(ROOT, "pretrain_gpt.py"), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    # Own session: on a timeout the whole group (torchrun and its workers) is killed, no orphans.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     return out, {int(m.group(1)): m.group(2) for m in LOSS_RE.finditer(out.stdout)}
 
 
@@ -131,11 +153,12 @@ def test_auto_resume_after_injected_fault_with_torchrun(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     """--exit-signal-handler: SIGTERM mid-run -> checkpoint after the current iteration, exit 0."""
-    import signal
     save = str(tmp_path / "ckpt")
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *TINY, "--train-iters", "100000",
            "--save", save, "--exit-signal-handler"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    watchdog = threading.Timer(300, proc.kill)  # a hang fails the test instead of blocking CI
+    watchdog.start()
     lines = []
     try:
         for line in proc.stdout:
@@ -145,6 +168,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
                 break
         out, _ = proc.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
     lines.append(out)

@@ -39,6 +39,8 @@ def test_defaults_and_derived_values():
     (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by --tensor-model-parallel-size 3"),
     (["--sequence-parallel"], 1, "--sequence-parallel requires --tensor-model-parallel-size > 1"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are mutually exclusive"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--pipeline-schedule", "gpipe"], 2, "--pipeline-schedule gpipe does not support"),
     (["--data-path", "a_text_document"], 1, "--data-path needs --tokenizer-type"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
       "--global-batch-size", "12", "--micro-batch-size", "4"], 2,

@@ -324,11 +324,12 @@ def test_build_data_cache_tool_prebuilds_what_training_loads(tmp_path):
     cache = str(tmp_path / "cache")
     r = run_tool("build_data_cache.py", "--data-path", prefix, "--split", "90,10,0",
                  "--seq-length", "8", "--train-iters", "20", "--global-batch-size", "4",
-                 "--eval-interval", "10", "--eval-iters", "2", "--data-cache-path", cache)
+                 "--eval-interval", "10", "--eval-iters", "2", "--data-cache-path", cache,
+                 "--tokenizer-type", "ByteTokenizer")  # the training flags (see test_pitfalls.py)
     assert r.returncode == 0, r.stderr
     assert "train 80, valid 24, test 8" in r.stdout
     logs = []
     build_train_valid_test_datasets([prefix], "90,10,0", 8, 1234,
                                     train_valid_test_num_samples(20, 4, 10, 2), cache,
-                                    log=logs.append)
+                                    tokenizer_eod=256, log=logs.append)  # ByteTokenizer's eod
     assert len(logs) == 2 and all(s.startswith("> loaded") for s in logs)

@@ -194,7 +194,7 @@ def test_missing_input_and_tokenizer_file_errors(tmp_path):
 def test_tool_imports_no_torch_and_no_training_code(tmp_path):
     r = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, "tools",
                         "preprocess_data.py"), "--help"], capture_output=True, text=True,
-                       cwd=str(tmp_path))
+                       cwd=str(tmp_path), timeout=120)
     assert r.returncode == 0 and "--json-keys" in r.stdout
     modules = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()]
     assert "megalite.data.indexed_dataset" in modules

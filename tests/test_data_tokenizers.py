@@ -122,5 +122,5 @@ def test_data_package_imports_no_torch_nor_tokenizer_libraries():
     code = ("import sys, megalite.data, megalite.data.tokenizers; "
             "bad = [m for m in ('torch', 'tokenizers', 'sentencepiece') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -31,7 +31,9 @@ def test_data_parallel_variants_match_serial(layout, world):
 @pytest.mark.slow
 def test_distributed_optimizer_3d():
     layout = DIST_OPT + OVERLAP + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
-    assert_curves_equal(serial(), train(TINY + layout, 8, timeout=400))
+    ref = serial()
+    assert sum(norm > 1.0 for norm in ref["grad_norm"]) >= 3  # TINY's --clip-grad 1.0 clips: compared too
+    assert_curves_equal(ref, train(TINY + layout, 8, timeout=400))  # grad norm: TP x PP x DP shards
 
 
 def test_bf16_stays_close_to_fp32():

@@ -67,7 +67,8 @@ def test_invalid_sizes_raise_naming_the_numbers(args, needle):
 
 def test_cli_print_matches_design():
     out = subprocess.run([sys.executable, "-c", "from megalite.parallel_state import rank_groups; "
-                          "print(rank_groups(8,tp=2,pp=2))"], capture_output=True, text=True, check=True).stdout
+                          "print(rank_groups(8,tp=2,pp=2))"], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
     assert "'dp': [[0, 2], [1, 3], [4, 6], [5, 7]]" in out
 
 

@@ -2,17 +2,19 @@
 """Build the dataset index caches ahead of training, on CPU, from the training flags.
 
     python tools/build_data_cache.py --data-path 0.7 a_text_document 0.3 b_text_document \\
-        --split 969,30,1 --seq-length 1024 --seed 1234 --train-iters 10000 \\
-        --global-batch-size 64 --eval-interval 1000 --eval-iters 10 --data-cache-path cache/
+        --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \\
+        --split 969,30,1 --seq-length 1024 --train-iters 10000 --global-batch-size 64 \\
+        --data-cache-path cache/
 
-computes the train / valid / test sample counts exactly as training does
-(``megalite.data.gpt_dataset.train_valid_test_num_samples``) and builds the document, sample,
-shuffle and blending indices into ``--data-cache-path``, so the training job only loads them.
-Pass the same values as to ``pretrain_gpt.py``; any difference builds a different cache.
+takes ``pretrain_gpt.py``'s flags (its parser, with its defaults: pass the same command line)
+and builds what training would, with the same function (``megalite.data.build.build_datasets``):
+the document, sample, shuffle and blending indices in ``--data-cache-path``, so the training
+job only loads them. ``--world-size N`` (default 1) only matters without
+``--global-batch-size`` (default micro batch x data-parallel size). Imports no torch.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -22,34 +24,41 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, "megalite")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from megalite.data.gpt_dataset import (build_train_valid_test_datasets,
-                                       train_valid_test_num_samples)
+from megalite.config import SECTIONS, Config, build_parser
+from megalite.data.build import build_datasets
+from megalite.data.gpt_dataset import train_valid_test_num_samples
+
+
+def parse_training_flags(argv=None) -> Config:
+    """The training flags as ``pretrain_gpt.py`` reads them (defaults included), without the
+    model checks (which import torch): the data settings are all that matter here."""
+    parser = build_parser()
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="training processes (only for the default --global-batch-size)")
+    values = vars(parser.parse_args(argv))
+    cfg = Config(world_size=values["world_size"], **{
+        section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        for section, cls in SECTIONS.items()})
+    t = cfg.training
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * cfg.data_parallel_size
+    if cfg.data.data_path and not cfg.data.tokenizer_type:
+        parser.exit(2, "error: --data-path needs --tokenizer-type (and its files) to know the vocabulary\n")
+    return cfg
 
 
 def main(argv=None) -> int:
     """Command-line entry point; returns the exit status."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-path", nargs="+", default=None,
-                   help="prefix, or weight prefix pairs (default: the built-in corpus)")
-    p.add_argument("--split", default="969,30,1")
-    p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--train-iters", type=int, required=True)
-    p.add_argument("--global-batch-size", type=int, required=True)
-    p.add_argument("--eval-interval", type=int, default=1000)
-    p.add_argument("--eval-iters", type=int, default=100)
-    p.add_argument("--data-cache-path", default=None,
-                   help="index cache directory (default: beside each dataset, as Megatron)")
-    args = p.parse_args(argv)
-    num_samples = train_valid_test_num_samples(args.train_iters, args.global_batch_size,
-                                               args.eval_interval, args.eval_iters)
+    cfg = parse_training_flags(argv)
+    t, lg = cfg.training, cfg.logging
+    num_samples = train_valid_test_num_samples(t.train_iters, t.global_batch_size, lg.eval_interval,
+                                               lg.eval_iters)
     print(f"target samples: train {num_samples[0]}, valid {num_samples[1]}, "
           f"test {num_samples[2]}")
     t0 = time.time()
     try:
-        datasets = build_train_valid_test_datasets(
-            args.data_path, args.split, args.seq_length, args.seed, num_samples,
-            args.data_cache_path)
+        datasets, _ = build_datasets(cfg, log=print)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,8 +20,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, "megalite")) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from megalite.data.indexed_dataset import (IndexedDataset, IndexedDatasetError,
-                                           merge_indexed_datasets)
+from megalite.data.indexed_dataset import (IndexedDatasetError, bin_path, idx_path,
+                                           merge_indexed_datasets, read_index_header)
 
 
 def input_prefixes(inputs: list[str]) -> list[str]:
@@ -48,13 +48,15 @@ def main(argv=None) -> int:
         if any(os.path.abspath(x) == out for x in prefixes):
             raise ValueError(f"--output-prefix {args.output_prefix} is also an input")
         merge_indexed_datasets(prefixes, args.output_prefix, log=print)
-        merged = IndexedDataset(args.output_prefix)
+        # The summary from the header and file size: reopening the output as an IndexedDataset
+        # would read its whole index (memory growing with the merged size).
+        dtype, sequences, doc_count = read_index_header(idx_path(args.output_prefix))
     except (ValueError, FileNotFoundError, IndexedDatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    tokens = os.path.getsize(bin_path(args.output_prefix)) // dtype.itemsize
     print(f"merged {len(prefixes)} datasets into {args.output_prefix}.bin/.idx: "
-          f"{merged.num_documents} documents, {len(merged)} sequences, "
-          f"{int(merged.sequence_lengths.sum())} tokens ({merged.dtype})")
+          f"{doc_count - 1} documents, {sequences} sequences, {tokens} tokens ({dtype})")
     return 0
 
 

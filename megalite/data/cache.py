@@ -4,7 +4,9 @@ Files are named ``{md5 of description}-{Class}-{suffix}``. Every array is writte
 name and renamed into place, and the JSON description is renamed last, so a reader that finds
 the description finds complete arrays; two processes building the same cache write identical
 bytes, so whichever rename lands last is harmless. A cache is used only when its stored
-description equals the requested one; anything else is ignored and rebuilt.
+description equals the requested one; anything else is ignored and rebuilt, with a message
+naming the settings that differ (also when only a cache for the same data under other settings
+exists, e.g. one prebuilt by ``tools/build_data_cache.py`` with other flags).
 """
 from __future__ import annotations
 
@@ -34,21 +36,52 @@ def load(cache_dir: Optional[str], base: str, names, description: str,
     if not cache_dir:
         return None
     desc_path, paths = _paths(cache_dir, base, names)
+    wanted = json.loads(description)
     if not os.path.isfile(desc_path):
+        other = _closest_other_settings(cache_dir, base, wanted)
+        if other is not None:  # e.g. prebuilt by tools/build_data_cache.py with other flags
+            log(f"> not using index cache {other[0]}: it was built for other settings "
+                f"({_differences(other[1], wanted)}); building new indices")
         return None
-    try:
-        with open(desc_path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
-        stored = None
-    if stored != json.loads(description):
-        log(f"> ignoring index cache {desc_path}: it was built for other settings; rebuilding")
+    stored = _read_json(desc_path)
+    if stored != wanted:
+        log(f"> ignoring index cache {desc_path}: it was built for other settings "
+            f"({_differences(stored or {}, wanted)}); rebuilding")
         return None
     try:
         return {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
     except (OSError, ValueError) as e:
         log(f"> ignoring unreadable index cache {desc_path} ({e}); rebuilding")
         return None
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(stored: dict, wanted: dict) -> str:
+    """``key: cached X, now Y`` for each setting that differs."""
+    keys = [k for k in wanted if stored.get(k) != wanted[k]] or ["(unreadable description)"]
+    return "; ".join(f"{k}: cached {stored.get(k)!r}, now {wanted.get(k)!r}" for k in keys)
+
+
+def _closest_other_settings(cache_dir: str, base: str, wanted: dict) -> Optional[tuple[str, dict]]:
+    """The cached description of the same kind and data (e.g. ``GPTDataset-train`` of the same
+    ``dataset_path``) with the fewest differing settings, or None."""
+    kind = base.split("-", 1)[1] + "-description.json"
+    best = None
+    for name in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else ():
+        stored = _read_json(os.path.join(cache_dir, name)) if name.endswith("-" + kind) else None
+        if not isinstance(stored, dict) or stored.get("dataset_path") != wanted.get("dataset_path"):
+            continue
+        differing = sum(stored.get(k) != v for k, v in wanted.items())
+        if best is None or differing < best[0]:
+            best = (differing, os.path.join(cache_dir, name), stored)
+    return None if best is None else best[1:]
 
 
 def _atomic_write(path: str, write) -> None:

@@ -53,6 +53,7 @@ def finalize_model_grads(model_chunks, pstate: ParallelState, buffer: GradBuffer
         all_reduce_coalesced([p.main_grad for p in tied_embedding_params(model_chunks, pstate)],
                              pstate.embedding_group)
     buffer.finish_grad_sync()
-    params = [p for chunk in model_chunks for p in chunk.parameters()]
-    all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],
-                         pstate.tp_group)
+    if pstate.tp_size > 1:
+        params = [p for chunk in model_chunks for p in chunk.parameters()]
+        all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],
+                             pstate.tp_group)

@@ -96,8 +96,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_groups, self.q_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, self.num_heads, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        # split, not indexing: its backward is one cat, not a zero-filled qkv-sized grad per piece
+        q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
+        q, k, v = q.reshape(s, b, self.num_heads, self.head_dim), k.squeeze(3), v.squeeze(3)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         dropout = self.cfg.attention_dropout if self.training else 0.0
@@ -127,6 +128,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
         self.swiglu = cfg.swiglu
+        self.gelu_approximate = "tanh" if cfg.openai_gelu else "none"  # --openai-gelu: GPT-2's gelu_new
         parts = 2 if cfg.swiglu else 1
         common = dict(tp_group=ctx.pstate.tp_group, bias=not cfg.disable_bias_linear,
                       sequence_parallel=ctx.sequence_parallel)
@@ -142,7 +144,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.fc2(h)
 
 

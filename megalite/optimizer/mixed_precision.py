@@ -48,6 +48,13 @@ def parameter_fragments(buffer: GradBuffer, dp_rank: int | None) -> list[tuple[t
     return pieces
 
 
+def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel can update ``params``: one pass over each tensor instead
+    of a handful of elementwise ops (about 3x faster on CPU, and the fastest option on CUDA).
+    It updates element by element as the loop implementation does (same results to rounding)."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Megatron's rule: no weight decay on biases and on 1-D params (norm weights)."""
     return not (param.ndim == 1 or name.endswith(".bias"))
@@ -71,7 +78,8 @@ class MixedPrecisionOptimizer:
             self.fragments.append(Fragment(p, start, end, main))
         groups = [{"params": [f.main for f in self.fragments if decays[id(f.param)]], "weight_decay": weight_decay},
                   {"params": [f.main for f in self.fragments if not decays[id(f.param)]], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
+                                           fused=fused_adamw_supported([f.main for f in self.fragments]))
         self.copy_back = not fp32_model
         self.num_updates = 0  # successful steps: Adam's step count (saved in checkpoints)
 
@@ -95,8 +103,8 @@ class MixedPrecisionOptimizer:
         """Global L2 norm of the (unscaled) grads: every element of the model counted once."""
         counted = [f.main.grad for f in self.fragments if norm_counted(f.param, self.pstate.tp_rank)]
         total = torch.zeros(1, dtype=torch.float32, device=self.buffer.grad_data.device)
-        if counted:
-            total += torch.stack([g.float().pow(2).sum() for g in counted]).sum()
+        if counted:  # one foreach kernel for all the per-tensor norms
+            total += torch.stack(torch._foreach_norm(counted)).square().sum()
         groups = [self.pstate.mp_group] + ([self.pstate.dp_cp_group] if self.distributed else [])
         for group in groups:
             if group is not None and dist.get_world_size(group) > 1:
@@ -119,9 +127,9 @@ class MixedPrecisionOptimizer:
             torch._foreach_mul_(grads, self.clip_grad / (norm + 1e-6))
         self.optimizer.step()
         self.num_updates += 1
-        if self.copy_back:
-            for f in self.fragments:
-                self.buffer.param_data[f.start:f.end].copy_(f.main)
+        if self.copy_back and self.fragments:  # fp32 main -> bf16/fp16 params, one foreach call
+            torch._foreach_copy_([self.buffer.param_data[f.start:f.end] for f in self.fragments],
+                                 [f.main for f in self.fragments])
         if self.distributed:
             self.buffer.all_gather_params()
         return True, norm

@@ -9,7 +9,8 @@ operations. The operations are always posted in the same order on every rank::
 and activations and gradients use different tags. So between two ranks the k-th activation
 sent is the k-th activation received, also when "next" and "prev" are the same rank (PP=2,
 where Megatron-Core's order pairs an activation with a gradient over gloo and deadlocks or
-corrupts). Shapes are known in advance (sequence x micro-batch x hidden), so no shape exchange.
+corrupts). Shapes are known in advance (sequence x micro-batch x hidden), so no shape exchange;
+a tensor of another shape or dtype is refused before anything is posted (see ``_check``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class P2P:
                     send_prev: torch.Tensor | None = None, recv_next: bool = False):
         """Post the requested sends/recvs together; return ``(from_prev, from_next)``."""
         ps = self.pstate
+        for what, tensor in (("activation to the next stage", send_next), ("gradient to the previous stage", send_prev)):
+            self._check(what, tensor)
         from_prev = self._buffer() if recv_prev else None
         from_next = self._buffer() if recv_next else None
         ops = []
@@ -55,6 +58,15 @@ class P2P:
         if from_prev is not None:
             from_prev.requires_grad_(True)  # the stage's input: its grad is sent back later
         return from_prev, from_next
+
+    def _check(self, what: str, tensor: torch.Tensor | None) -> None:
+        """The receiver posts a buffer of ``self.shape``: gloo aborts on a larger message and fills
+        a larger buffer only partly, silently. So refuse to send anything else, before posting."""
+        if tensor is not None and (tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype):
+            raise ValueError(f"pipeline stage {self.pstate.pp_rank}: {what} has shape {tuple(tensor.shape)} "
+                             f"{tensor.dtype}, but the other stage receives {self.shape} {self.dtype} "
+                             "([seq / CP (/ TP with --sequence-parallel), micro-batch, hidden]): samples must "
+                             "hold --seq-length + 1 tokens and every stage must return [s, b, h]")
 
     def _buffer(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device=self.device)

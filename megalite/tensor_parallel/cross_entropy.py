@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .mappings import group_rank, group_size
 
@@ -59,4 +60,10 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_
 
     ``vocab_size`` is the real vocabulary; padded columns beyond it are masked out.
     """
+    if group_size(tp_group) == 1:  # the whole vocabulary here: torch's fused log-softmax + NLL
+        logits = logits.float()
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits = logits[..., :vocab_size]  # padding columns: out of the softmax
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                               reduction="none").view(target.shape)
     return _VocabParallelCrossEntropy.apply(logits, target, tp_group, vocab_size)

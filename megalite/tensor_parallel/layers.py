@@ -138,6 +138,8 @@ class ColumnParallelLinear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype, device=device))
             set_tensor_parallel_attributes(self.bias, tp > 1, 0)
+            self.bias.parts = parts  # [gate_r; up_r] like the weight: checkpoints reassemble by it
+            self.bias.real_rows = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -181,6 +183,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel(x, self.tp_group)
+        if group_size(self.tp_group) == 1:  # nothing to reduce: the bias goes into the matmul (addmm)
+            return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel(y, self.tp_group)

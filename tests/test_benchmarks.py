@@ -1,0 +1,47 @@
+"""Smoke tests of the benchmark scripts (no timing assertions: the numbers depend on the machine)."""
+import os
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import step_time  # noqa: E402
+
+
+def test_megalite_and_plain_pytorch_reference_train_identically():
+    """Same weights, same batches, same AdamW: the plain GPT reproduces megalite's losses, which
+    is what makes step_time.py's ratio a like-for-like comparison."""
+    pairs = step_time.compare_losses(step_time.CONFIGS["tiny"], steps=2, microbatches=2)
+    assert len(pairs) == 2
+    for megalite_loss, reference_loss in pairs:
+        assert megalite_loss == pytest.approx(reference_loss, rel=1e-5)
+    assert pairs[0][0] != pairs[1][0]  # a real update happened in between
+
+
+def test_time_runners_interleaves_and_counts():
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self, batches):
+            calls.append(self.name)
+            return 0.0
+
+    times = step_time.time_runners([Fake("a"), Fake("b")], [], reps=2, iters=2, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+    # round 1: warmup a, b, then a b a b; round 2 (order flipped): warmup b, a, then b a b a
+    assert calls == ["a", "b", "a", "b", "a", "b", "b", "a", "b", "a", "b", "a"]
+
+
+def test_gpu_step_skips_cleanly_without_cuda(capsys):
+    import torch
+
+    import gpu_step
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the skip path is not taken")
+    assert gpu_step.main([]) == 0
+    assert "CUDA is not available" in capsys.readouterr().out
