@@ -5,14 +5,15 @@
 
 Both sides train the same architecture (benchmarks/reference_gpt.py is the plain one) from the
 same weights (megalite's initial weights are copied into the reference) on the same tokens,
-with the same AdamW (weight-decay groups, betas, eps), constant learning rate and grad-norm
-clipping at 1.0, fp32, in one process. First the losses of both are compared for a few steps
-(the architectures and updates must match: same loss to ~1e-5), then the step time is measured:
-``--reps`` rounds, each running ``--warmup`` untimed iterations of every implementation, then
-``--iters`` timed iterations of each, alternating implementation by implementation (the order
-flips between rounds), so that load from other processes on a shared machine hits all columns
-alike. The table gives the median over all
-timed iterations and the ratio of medians (megalite / reference).
+with the same AdamW (weight-decay groups, betas, eps, and the same torch implementation: the
+fused kernel megalite picks; ``--default-adamw-column`` adds the reference with torch's default
+one), constant learning rate and grad-norm clipping at 1.0, fp32, in one process. First the
+losses of both are compared for a few steps (the architectures and updates must match: same
+loss to ~1e-6), then the step time is measured: ``--reps`` rounds, each running ``--warmup``
+untimed iterations of every implementation, then ``--iters`` timed iterations of each,
+alternating implementation by implementation (the order flips between rounds), so that load
+from other processes on a shared machine hits all columns alike. The table gives the median
+over all timed iterations and the ratio of medians (megalite / reference).
 
 megalite is driven exactly as ``pretrain`` drives it: ``megalite.config.parse_args`` +
 ``megalite.training.Trainer`` and ``Trainer.train_step`` on pre-built micro-batches (so data

@@ -208,7 +208,7 @@ def test_slurm_recipe_is_a_valid_launch():
     from megalite.config import parse_args
     from megalite.parallel_state import rank_groups
 
-    assert subprocess.run(["bash", "-n", SBATCH]).returncode == 0
+    assert subprocess.run(["bash", "-n", SBATCH], timeout=60).returncode == 0
     text = open(SBATCH).read()
     nodes = int(re.search(r"#SBATCH --nodes=(\d+)", text).group(1))
     gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
@@ -225,7 +225,7 @@ def test_slurm_recipe_is_a_valid_launch():
                TOKENIZER_DIR="/shared/gpt2", CKPT_DIR="/shared/ckpt")
     block = re.search(r"^TRAIN_ARGS=\(.*?^\)", text, re.S | re.M).group(0)
     out = subprocess.run(["bash", "-c", block + '\nprintf "%s\\n" "${TRAIN_ARGS[@]}"'], capture_output=True,
-                         text=True, env=env, check=True)
+                         text=True, env=env, check=True, timeout=60)
     args = out.stdout.splitlines()
     assert args[args.index("--save") + 1] == args[args.index("--load") + 1] == "/shared/ckpt"
     cfg = parse_args(args, world_size=nodes * gpus)
