@@ -145,7 +145,9 @@ class Trainer:
         tokens = torch.stack([mb["loss_mask"].sum() for mb in microbatches]).sum().reshape(1).double()
         if self.pstate.dp_cp_group is not None and self.pstate.dp_cp_size > 1:
             dist.all_reduce(tokens, group=self.pstate.dp_cp_group)
-        grad_scale = (loss_scale / tokens[0]).float()  # a tensor: no host sync before the forward on CUDA
+        # A tensor: no host sync before the forward on CUDA. With no loss token at all (a fully
+        # masked global batch) dividing by 1 keeps the grads 0 instead of 0 * inf = NaN.
+        grad_scale = (loss_scale / tokens[0].clamp(min=1.0)).float()
         for chunk in self.model:
             if chunk.training == forward_only:  # switch modes only when needed (a walk over all modules)
                 chunk.train(not forward_only)
@@ -168,13 +170,20 @@ class Trainer:
         if self.timeline is not None:  # the span tools/plot_timeline.py cuts the last iteration by
             self.timeline.record("iteration", start, time.perf_counter())
         finalize_model_grads(self.model, self.pstate, self.buffer)
-        updated, grad_norm = self.optimizer.step()
+        if tokens > 0:
+            updated, grad_norm = self.optimizer.step()
+        else:  # every rank counts the same tokens (all-reduced over DP/CP, same samples on TP/PP)
+            updated, grad_norm = False, float("nan")
+            if self.pstate.rank == 0:
+                self.log(f"> iteration {self.iteration + 1}: the global batch has no token with "
+                         "loss_mask > 0; update skipped")
         self.iteration += 1
         self.consumed_samples += self.cfg.training.global_batch_size
         self.skipped_iterations += not updated
-        loss = loss_sum / tokens
-        self.nan_iterations += not math.isfinite(loss) if self.is_logging_rank else 0
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": loss_scale, "updated": updated}
+        loss = loss_sum / tokens if tokens > 0 else float("nan")
+        self.nan_iterations += (tokens > 0 and not math.isfinite(loss)) if self.is_logging_rank else 0
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": loss_scale, "updated": updated,
+                "tokens": tokens}
 
     @torch.no_grad()
     def evaluate(self, batches: BatchIterator, eval_iters: int) -> float:
@@ -268,26 +277,28 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
                               device=device, log=log)
     lg, t = cfg.logging, cfg.training
     history: list[dict] = []
-    window_losses, window_time = [], 0.0
+    window_losses, window_time, window_iters = [], 0.0, 0
     for _ in range(trainer.iteration, t.train_iters):
         start = time.perf_counter()
         stats = trainer.train_step(train_batches.next_microbatches(cfg.num_microbatches))
         seconds = time.perf_counter() - start
-        window_time += seconds
+        window_time, window_iters = window_time + seconds, window_iters + 1
         history.append({**stats, "loss": stats["loss"] if trainer.is_logging_rank else math.nan})
-        window_losses.append(stats["loss"])
+        if stats["tokens"] > 0:  # as Megatron: a batch without loss tokens has no loss to average
+            window_losses.append(stats["loss"])
         it = trainer.iteration
         monitor.iteration(it, stats, seconds)  # TensorBoard / W&B scalars (logging rank only)
         if it % lg.log_interval == 0 or it == t.train_iters:
-            elapsed = window_time / len(window_losses)
+            elapsed = window_time / window_iters
             if trainer.is_logging_rank:
                 tflops = trainer.flops_per_iteration() / (elapsed * 1e12 * pstate.world_size)
                 log(format_iteration_line(it, t.train_iters, trainer.consumed_samples, elapsed * 1000.0, tflops,
-                                          stats["lr"], t.global_batch_size, sum(window_losses) / len(window_losses),
+                                          stats["lr"], t.global_batch_size,
+                                          sum(window_losses) / len(window_losses) if window_losses else math.nan,
                                           stats["loss_scale"], stats["grad_norm"], trainer.skipped_iterations,
                                           trainer.nan_iterations))
                 log(monitor.progress_line(it, elapsed))  # tokens/s, MFU, ETA: a line of its own
-            window_losses, window_time = [], 0.0
+            window_losses, window_time, window_iters = [], 0.0, 0
         if valid_batches is not None and lg.eval_interval and it % lg.eval_interval == 0 and lg.eval_iters > 0:
             val = trainer.evaluate(valid_batches, lg.eval_iters)
             if trainer.is_logging_rank:

@@ -55,6 +55,20 @@ class MaskedSamples:
         return {"tokens": tokens, "loss_mask": mask}
 
 
+class FirstBatchMasked:
+    """Every label of the first 8 samples (the first global batch of TINY) masked out."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        tokens = self.dataset[i]
+        return {"tokens": tokens, "loss_mask": np.full(len(tokens) - 1, float(i >= 8), dtype=np.float32)}
+
+
 class RecordingSamples:
     """Remembers which sample indices were read, in order."""
 
@@ -175,6 +189,45 @@ def one_microbatch_masked() -> dict:
 ])
 def test_masked_loss_and_grad_norm_do_not_depend_on_layout(layout, world):
     assert_curves_equal(one_microbatch_masked(), curves(run(MASKED + layout, world, MaskedSamples)))
+
+
+def _step_without_loss_tokens(rank, world, argv):
+    from megalite.config import parse_args
+    from megalite.data.mock_dataset import MockGPTDataset
+    from megalite.parallel_state import ParallelState
+    from megalite.training import BatchIterator, Trainer
+
+    cfg = parse_args(argv, world_size=world)
+    trainer = Trainer(cfg, ParallelState.from_sizes(), vocab_size=100, log=lambda m: None)
+    batches = BatchIterator(FirstBatchMasked(MockGPTDataset(64, 16, 100)), cfg, ParallelState.from_sizes())
+    before = trainer.buffer.param_data.clone()
+    masked = trainer.train_step(batches.next_microbatches(cfg.num_microbatches))
+    unchanged = torch.equal(before, trainer.buffer.param_data)
+    grads_finite = bool(torch.isfinite(trainer.buffer.grad_data).all())
+    skipped = trainer.skipped_iterations
+    normal = trainer.train_step(batches.next_microbatches(cfg.num_microbatches))
+    return {"masked": masked, "normal": normal, "unchanged": unchanged, "grads_finite": grads_finite,
+            "skipped": skipped, "changed_after": not torch.equal(before, trainer.buffer.param_data)}
+
+
+def test_a_global_batch_without_loss_tokens_skips_its_update():
+    """0 tokens would make the loss 0/0 and the grads 0 * inf = NaN, poisoning the params: the
+    step is skipped instead (params untouched, counted as skipped), and training goes on."""
+    got = run_distributed(_step_without_loss_tokens, 1, TINY)[0]
+    assert got["unchanged"] and got["grads_finite"] and got["skipped"] == 1
+    assert got["masked"]["updated"] is False and math.isnan(got["masked"]["loss"])
+    assert got["normal"]["updated"] and math.isfinite(got["normal"]["loss"]) and got["changed_after"]
+
+
+def test_a_global_batch_without_loss_tokens_is_skipped_on_every_stage():
+    results = run(MASKED + [PP, "2"], 2, FirstBatchMasked)
+    assert [h["updated"] for h in results[0]["history"]] == [h["updated"] for h in results[1]["history"]]
+    assert [h["updated"] for h in results[0]["history"]] == [False, True, True]
+    assert any("no token with loss_mask > 0; update skipped" in line for line in results[0]["lines"])
+    last_stage = results[1]  # the logging rank
+    assert all(math.isfinite(h["loss"]) for h in last_stage["history"][1:])
+    iteration_lines = [line for line in last_stage["lines"] if "lm loss" in line]
+    assert len(iteration_lines) == 3 and "number of skipped iterations:   1 |" in iteration_lines[-1]
 
 
 # == 4. Pipeline configurations that cannot work fail at start-up ==============================
