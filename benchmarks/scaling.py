@@ -3,6 +3,7 @@ with each rank's time split into compute, communication and pipeline bubble.
 
     python benchmarks/scaling.py                        # the tables of docs/performance.md
     python benchmarks/scaling.py --rounds 3 --iters 4 --layouts serial pp2
+    python benchmarks/scaling.py --rounds 2 --layouts serial tp2pp2dp2   # 3D: TP=2 x PP=2 x DP=2, 8 processes
 
 Every layout trains the same model on the same global batch (16 sequences by default: 8
 micro-batches of 2; DP=2 gives each rank 4 of them), fp32, mock data, constant learning rate.
@@ -33,6 +34,7 @@ import datetime
 import functools
 import inspect
 import os
+import queue as queue_module
 import socket
 import statistics
 import sys
@@ -61,7 +63,12 @@ LAYOUTS = {  # name -> (processes, flags)
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2": (2, []),
+    # All three at once on 8 processes (4 per core on a 2-core machine: oversubscribed, so read
+    # its split, not its step time). Micro-batches of 1 keep the global batch and m = 8 per pipeline.
+    "tp2pp2dp2": (8, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                      "--micro-batch-size", "1"]),
 }
+DEFAULT_LAYOUTS = ["serial", "tp2", "pp2", "dp2"]
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "broadcast",
                "barrier")
 
@@ -89,17 +96,35 @@ def _worker(rank, world, port, threads, fn, args, queue):
 
 def launch(fn, world: int, *args, threads: int = 1) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned processes (gloo when world > 1, with
-    ``threads`` torch threads each); return the results by rank."""
+    ``threads`` torch threads each); return the results by rank.
+
+    The results are read *before* joining: a rank's result (thousands of collective events)
+    can exceed the pipe's buffer, and a rank blocked writing it would never exit."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), threads, fn, args, queue), nprocs=world,
-                       join=True, start_method="spawn")
+    queue = ctx.Queue()
+    procs = mp.start_processes(_worker, args=(world, _free_port(), threads, fn, args, queue), nprocs=world,
+                               join=False, start_method="spawn")
     results = {}
-    while len(results) < world:
-        rank, status, payload = queue.get()
-        if status == "error":
-            raise RuntimeError(f"rank {rank} failed:\n{payload}")
-        results[rank] = payload
+    try:
+        while len(results) < world:
+            try:
+                rank, status, payload = queue.get(timeout=5.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs.processes) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"rank(s) {dead} died without a result (exit codes "
+                                       f"{[procs.processes[r].exitcode for r in dead]})") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    except BaseException:
+        for p in procs.processes:  # the others may wait in a collective for the failed rank
+            if p.is_alive():
+                p.terminate()
+        raise
+    while not procs.join():
+        pass
     return [results[r] for r in range(world)]
 
 
@@ -200,7 +225,7 @@ def analyse(results: list[dict], timeline_path: str, iters: int) -> list[dict]:
                         in_compute += ev[2] - ev[1]
             step = step_end - step_start
             compute = bubble["busy"] - in_compute
-            rows.append({"rank": res["rank"], "step": step, "compute": compute, **comm, "p2p": bubble["comm"],
+            rows.append({"rank": res["rank"], "pp_size": res["pp_size"], "m": res["microbatches"], "step": step, "compute": compute, **comm, "p2p": bubble["comm"],
                          "bubble": bubble["bubble"],
                          "rest": step - compute - sum(comm.values()) - bubble["comm"]})
     return rows
@@ -216,7 +241,8 @@ def run_layout(name: str, threads: int, warmup: int, iters: int, workdir: str, r
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", default=DEFAULT_LAYOUTS, choices=list(LAYOUTS),
+                        help=f"default {' '.join(DEFAULT_LAYOUTS)}; tp2pp2dp2 runs 8 processes")
     parser.add_argument("--rounds", type=int, default=3, help="launches of every layout (default 3)")
     parser.add_argument("--iters", type=int, default=4, help="timed iterations per launch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per launch")
@@ -227,16 +253,15 @@ def main(argv=None) -> None:
         for r in range(args.rounds):
             for name in (args.layouts if r % 2 == 0 else args.layouts[::-1]):
                 rows[name] += run_layout(name, args.threads, args.warmup, args.iters, workdir, r)
-    m = int(MODEL[MODEL.index("--global-batch-size") + 1]) // int(MODEL[MODEL.index("--micro-batch-size") + 1])
-    print(f"model: {' '.join(MODEL[:-4])}; global batch 16 = {m} micro-batches of 2 (DP=2: {m // 2} per rank); "
-          f"fp32; {args.threads} torch threads per layout; {os.cpu_count()} CPUs visible; "
+    print(f"model: {' '.join(MODEL[:-4])}; global batch 16 sequences; micro-batches of 2 (tp2pp2dp2: of 1); "
+          f"fp32; {args.threads} torch threads per layout (at least 1 per process); {os.cpu_count()} CPUs visible; "
           f"load average {os.getloadavg()[0]:.1f}")
     serial = statistics.median(r["step"] for r in rows["serial"]) if "serial" in rows else None
     print("\n| layout | rank | step (ms) | vs 1 process | compute (ms) | TP comm | DP comm | other comm | p2p "
           "| rest | bubble (measured) | bubble (theory) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, layout_rows in rows.items():
         world = LAYOUTS[name][0]
-        pp = 2 if name == "pp2" else 1
+        pp, m = layout_rows[0]["pp_size"], layout_rows[0]["m"]  # m: micro-batches per pipeline
         theory = f"{plot_timeline.theory(pp, m):.3f}" if pp > 1 else "-"
         for rank in range(world):
             mine = [r for r in layout_rows if r["rank"] == rank]

@@ -18,7 +18,9 @@ over all timed iterations and the ratio of medians (megalite / reference).
 megalite is driven exactly as ``pretrain`` drives it: ``megalite.config.parse_args`` +
 ``megalite.training.Trainer`` and ``Trainer.train_step`` on pre-built micro-batches (so data
 loading is excluded on both sides). With ``megatron.core`` importable, its ``GPTModel`` is a
-third column (best effort: megatron-core is not a dependency and is not installed here).
+third column (best effort: megatron-core is not a dependency; on CPU two CUDA-only spots of it
+are patched, see ``_megatron_cpu_shims``). It has the same parameter count but its own
+initialisation, so its loss is not compared, only its time.
 """
 from __future__ import annotations
 
@@ -106,11 +108,33 @@ class ReferenceRunner:
         return reference_gpt.train_step(self.model, self.optimizer, batches, CLIP)[0]
 
 
+def _megatron_cpu_shims() -> None:
+    """Two CUDA-only spots on megatron-core's CPU path: its local attention takes the score buffer
+    from a global buffer always allocated on ``torch.cuda.current_device()`` (allocate it on the
+    CPU), and forks the CUDA RNG tracker around attention dropout (a no-op here: dropout is 0)."""
+    import contextlib
+    import functools
+    import operator
+
+    from megatron.core import tensor_parallel, utils
+
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *args, **kwargs: contextlib.nullcontext()
+
+    def get_tensor_on_cpu(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        numel = functools.reduce(operator.mul, tensor_shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self.buffer[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(*tensor_shape)
+
+    utils.GlobalMemoryBuffer.get_tensor = get_tensor_on_cpu
+
+
 class MegatronCoreRunner:
     """megatron-core's GPTModel (local layer spec, CPU init) with torch AdamW; best effort."""
     name = "Megatron-Core"
 
-    def __init__(self, c: dict):
+    def __init__(self, c: dict, fused=None):
         import datetime
         import socket
 
@@ -125,7 +149,10 @@ class MegatronCoreRunner:
                 port = sock.getsockname()[1]
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                                     timeout=datetime.timedelta(minutes=5))
-        mpu.initialize_model_parallel(1, 1)
+        if not mpu.model_parallel_is_initialized():  # once per process: one column per config
+            mpu.initialize_model_parallel(1, 1)
+        if not torch.cuda.is_available():
+            _megatron_cpu_shims()
         try:  # registers the RNG stream its dropout forks; may need CUDA
             from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
             model_parallel_cuda_manual_seed(1234)
@@ -140,7 +167,7 @@ class MegatronCoreRunner:
         self.model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=c["vocab_size"],
                               max_sequence_length=c["seq_length"], share_embeddings_and_output_weights=True,
                               position_embedding_type="learned_absolute")
-        self.optimizer = reference_gpt.reference_optimizer(self.model, LR, WEIGHT_DECAY)
+        self.optimizer = reference_gpt.reference_optimizer(self.model, LR, WEIGHT_DECAY, fused=fused)
         s = c["seq_length"]
         self.mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
 
@@ -156,8 +183,9 @@ class MegatronCoreRunner:
         return total
 
 
-def megatron_core_runner(c: dict):
-    """A MegatronCoreRunner, or None with a printed note when megatron.core is absent or fails."""
+def megatron_core_runner(c: dict, mega: MegaliteRunner):
+    """A MegatronCoreRunner (same AdamW as ``mega``), or None with a printed note when
+    megatron.core is absent or fails."""
     try:
         import megatron.core  # noqa: F401
     except ImportError:
@@ -165,12 +193,16 @@ def megatron_core_runner(c: dict):
               "(pip install megatron-core to add it; it is not a megalite dependency)")
         return None
     try:
-        runner = MegatronCoreRunner(c)
+        runner = MegatronCoreRunner(c, mega.trainer.optimizer.param_groups[0]["fused"])
         runner.step(make_batches(c, 1))  # fails here, not in the middle of the timing
-        return runner
     except Exception as e:  # noqa: BLE001 - optional column: report and go on
         print(f"note: megatron-core's GPTModel did not train on CPU ({type(e).__name__}: {e}); column skipped")
         return None
+    ours = sum(p.numel() for p in mega.trainer.model[0].parameters())
+    theirs = sum(p.numel() for p in runner.model.parameters())
+    print(f"Megatron-Core GPTModel (local spec, unfused attention): {theirs:,} parameters, megalite {ours:,}"
+          + ("" if ours == theirs else " (DIFFERENT architectures: read its column with care)"))
+    return runner
 
 
 def compare_losses(c: dict, steps: int = 3, microbatches: int = 1) -> list[tuple[float, float]]:
@@ -213,7 +245,7 @@ def run_config(name: str, reps: int, iters: int, warmup: int, microbatches: int,
     torch.manual_seed(0)
     mega = MegaliteRunner(c, microbatches)
     runners = [mega, ReferenceRunner(c, mega)] + ([ReferenceRunner(c, mega, default_adamw=True)] if default_adamw else [])
-    core = megatron_core_runner(c) if megatron else None
+    core = megatron_core_runner(c, mega) if megatron else None
     if core is not None:
         runners.append(core)
     batches = make_batches(c, microbatches)
@@ -241,10 +273,12 @@ def main(argv=None) -> None:
                         help="add a column: the plain GPT with torch's default AdamW (a per-tensor loop on CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     results = [run_config(name, args.reps, args.iters, args.warmup, args.microbatches, args.check_steps,
                           not args.no_megatron_core, args.default_adamw_column) for name in args.configs]
-    print("\nsummary: " + "; ".join(f"{r['config']} megalite / plain PyTorch = {r['ratio']:.3f}" for r in results))
+    print("\nsummary: " + "; ".join(f"{r['config']} megalite / plain PyTorch = {r['ratio']:.3f}" for r in results)
+          + f" (load average at the end {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":

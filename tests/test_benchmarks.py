@@ -45,3 +45,30 @@ def test_gpu_step_skips_cleanly_without_cuda(capsys):
         pytest.skip("a GPU is present: the skip path is not taken")
     assert gpu_step.main([]) == 0
     assert "CUDA is not available" in capsys.readouterr().out
+
+
+def _big_result(rank, world):
+    return {"rank": rank, "events": [(rank, float(i), float(i + 1)) for i in range(20000)]}  # ~1 MB pickled
+
+
+def _fails_on_rank_1(rank, world):
+    if rank == 1:
+        raise ValueError("rank 1 refuses")
+    return rank
+
+
+@pytest.mark.timeout(120)
+def test_scaling_launch_returns_results_larger_than_a_pipe_buffer():
+    """scaling.py's launcher must read the ranks' results before joining them: a result larger
+    than the pipe buffer (as the 8-rank layout's collective events are) used to deadlock."""
+    import scaling
+    results = scaling.launch(_big_result, 2)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(len(r["events"]) == 20000 and r["events"][-1][0] == r["rank"] for r in results)
+
+
+@pytest.mark.timeout(120)
+def test_scaling_launch_reports_the_failing_rank():
+    import scaling
+    with pytest.raises(RuntimeError, match=r"rank 1 failed:(.|\n)*rank 1 refuses"):
+        scaling.launch(_fails_on_rank_1, 1 + 1)
