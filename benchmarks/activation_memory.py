@@ -23,16 +23,15 @@ fp32 (4 bytes) and CPU dropout keeps a float mask (4 bytes, not a 1-byte bool), 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from scaling import launch  # noqa: E402  (spawns gloo processes; puts the repository on sys.path)
 
 MODES = ("none", "selective", "full")
 
@@ -125,26 +124,13 @@ def measure(args, mode: str, sequence_parallel: bool, breakdown: bool = False):
     return meter.total, dict(meter.by_region)
 
 
-def _worker(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        results = {(mode, sp): measure(args, mode, sp)[0] for sp in (False, True) for mode in MODES}
-        if rank == 0:
-            queue.put(results)
-    finally:
-        dist.destroy_process_group()
+def _measure_all_modes(rank, world, args) -> dict:
+    return {(mode, sp): measure(args, mode, sp)[0] for sp in (False, True) for mode in MODES}
 
 
 def measure_tp(args, world: int) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, port, args, queue), nprocs=world, join=True, start_method="spawn")
-    return queue.get()
+    """Rank 0's saved bytes per (recompute mode, SP) on ``world`` gloo processes (TP = world)."""
+    return launch(_measure_all_modes, world, args)[0]
 
 
 def main(argv=None) -> None:

@@ -225,8 +225,8 @@ def analyse(results: list[dict], timeline_path: str, iters: int) -> list[dict]:
                         in_compute += ev[2] - ev[1]
             step = step_end - step_start
             compute = bubble["busy"] - in_compute
-            rows.append({"rank": res["rank"], "pp_size": res["pp_size"], "m": res["microbatches"], "step": step, "compute": compute, **comm, "p2p": bubble["comm"],
-                         "bubble": bubble["bubble"],
+            rows.append({"rank": res["rank"], "pp_size": res["pp_size"], "m": res["microbatches"], "step": step,
+                         "compute": compute, **comm, "p2p": bubble["comm"], "bubble": bubble["bubble"],
                          "rest": step - compute - sum(comm.values()) - bubble["comm"]})
     return rows
 

@@ -172,16 +172,16 @@ class Trainer:
         finalize_model_grads(self.model, self.pstate, self.buffer)
         if tokens > 0:
             updated, grad_norm = self.optimizer.step()
+            loss = loss_sum / tokens
+            self.nan_iterations += not math.isfinite(loss) if self.is_logging_rank else 0
         else:  # every rank counts the same tokens (all-reduced over DP/CP, same samples on TP/PP)
-            updated, grad_norm = False, float("nan")
+            updated, grad_norm, loss = False, float("nan"), float("nan")
             if self.pstate.rank == 0:
                 self.log(f"> iteration {self.iteration + 1}: the global batch has no token with "
                          "loss_mask > 0; update skipped")
         self.iteration += 1
         self.consumed_samples += self.cfg.training.global_batch_size
         self.skipped_iterations += not updated
-        loss = loss_sum / tokens if tokens > 0 else float("nan")
-        self.nan_iterations += (tokens > 0 and not math.isfinite(loss)) if self.is_logging_rank else 0
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": loss_scale, "updated": updated,
                 "tokens": tokens}
 

@@ -39,14 +39,18 @@ def without(argv: list[str], *flags: str) -> list[str]:
 
 
 # -- dataset wrappers (module level: pickled by reference into the spawned ranks) -------------
-class MaskedSamples:
-    """Samples whose loss mask drops a different number of labels each: (5 i) mod 15 of 16."""
+class WrappedSamples:
+    """A dataset seen through ``__getitem__``; subclasses change what a sample looks like."""
 
     def __init__(self, dataset):
         self.dataset = dataset
 
     def __len__(self):
         return len(self.dataset)
+
+
+class MaskedSamples(WrappedSamples):
+    """Samples whose loss mask drops a different number of labels each: (5 i) mod 15 of 16."""
 
     def __getitem__(self, i):
         tokens = self.dataset[i]
@@ -55,42 +59,28 @@ class MaskedSamples:
         return {"tokens": tokens, "loss_mask": mask}
 
 
-class FirstBatchMasked:
+class FirstBatchMasked(WrappedSamples):
     """Every label of the first 8 samples (the first global batch of TINY) masked out."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, i):
         tokens = self.dataset[i]
         return {"tokens": tokens, "loss_mask": np.full(len(tokens) - 1, float(i >= 8), dtype=np.float32)}
 
 
-class RecordingSamples:
+class RecordingSamples(WrappedSamples):
     """Remembers which sample indices were read, in order."""
 
     def __init__(self, dataset):
-        self.dataset, self.seen = dataset, []
-
-    def __len__(self):
-        return len(self.dataset)
+        super().__init__(dataset)
+        self.seen = []
 
     def __getitem__(self, i):
         self.seen.append(int(i))
         return self.dataset[i]
 
 
-class ShortSamples:
+class ShortSamples(WrappedSamples):
     """Samples of 9 tokens whatever --seq-length says (a custom dataset's mistake)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, i):
         return self.dataset[i][:9]
