@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megalite.config import parse_args
 from megalite.data.build import build_datasets
 from megalite.monitoring import rank_table_for
+from megalite.optimizer.nonfinite import NonFiniteGradientsError
 from megalite.parallel_state import ParallelState, default_backend
 from megalite.training import check_same_flags_on_all_ranks, pretrain
 
@@ -65,12 +66,7 @@ def main(argv=None) -> None:
     if restarts > 0:
         cfg.logging.inject_fault_at_iteration = None  # the fault is injected in the first attempt only
     check_same_flags_on_all_ranks(cfg)  # before the process groups, which differing flags would hang
-    p = cfg.parallel
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage:
-        vpp = cfg.model.num_layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
-    pstate = ParallelState.from_sizes(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                                      cp=p.context_parallel_size, vpp=vpp)
+    pstate = ParallelState.from_config(cfg)
     log = (lambda msg: print(msg, flush=True))
     quiet = (lambda msg: None)
     if rank == 0:
@@ -87,7 +83,14 @@ def main(argv=None) -> None:
         dist.barrier()
     if rank != 0:
         datasets, vocab_size = build_datasets(cfg, quiet)
-    pretrain(cfg, pstate, datasets, vocab_size, device=device, log=log)
+    try:
+        pretrain(cfg, pstate, datasets, vocab_size, device=device, log=log)
+    except NonFiniteGradientsError as e:  # raised on every rank at the same iteration
+        if rank == 0:
+            print(f"megalite: error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 1
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

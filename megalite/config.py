@@ -72,6 +72,8 @@ class TrainingConfig:
     lr_warmup_iters: int = flag(0, "linear warmup iterations")
     lr_decay_iters: int | None = flag(None, "iterations over which to decay (default train iters)")
     lr_wsd_decay_iters: int | None = flag(None, "WSD: iterations of the final decay (default 10%% of decay iters)")
+    lr_wsd_decay_style: str = flag("exponential", "WSD: shape of the final decay (as Megatron-LM)",
+                                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
     weight_decay: float = flag(0.01, "AdamW weight decay (not applied to biases and norms)")
     clip_grad: float = flag(1.0, "global grad-norm clipping threshold (0 disables)")
     adam_beta1: float = flag(0.9, "Adam beta1")
@@ -82,6 +84,9 @@ class TrainingConfig:
     loss_scale: float | None = flag(None, "static loss scale for fp16 (default dynamic)")
     initial_loss_scale: float = flag(2.0 ** 32, "initial dynamic loss scale")
     seed: int = flag(1234, "random seed")
+    max_consecutive_nan_iterations: int = flag(
+        5, "stop (exit code 1) after this many iterations in a row with non-finite gradients; "
+           "their updates are skipped")
 
 
 @dataclass
@@ -142,6 +147,14 @@ class Config:
                                    * p.context_parallel_size)
 
     @property
+    def virtual_pipeline_size(self) -> int | None:
+        """Model chunks per pipeline rank with --num-layers-per-virtual-pipeline-stage, else None."""
+        p = self.parallel
+        if not p.num_layers_per_virtual_pipeline_stage:
+            return None
+        return self.model.num_layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
+
+    @property
     def num_microbatches(self) -> int:
         return self.training.global_batch_size // (self.training.micro_batch_size * self.data_parallel_size)
 
@@ -195,7 +208,8 @@ def validate(cfg: Config) -> None:
                         ("--context-parallel-size", cp), ("--num-layers", m.num_layers),
                         ("--hidden-size", m.hidden_size), ("--num-attention-heads", m.num_attention_heads),
                         ("--seq-length", m.seq_length), ("--micro-batch-size", t.micro_batch_size),
-                        ("--train-iters", t.train_iters), ("--log-interval", cfg.logging.log_interval)):
+                        ("--train-iters", t.train_iters), ("--log-interval", cfg.logging.log_interval),
+                        ("--max-consecutive-nan-iterations", t.max_consecutive_nan_iterations)):
         if value < 1:
             errors.append(f"{name} must be >= 1, got {value}")
     if errors:

@@ -143,6 +143,13 @@ class ParallelState:
             state.group_ranks.setdefault(name, [])
         return state
 
+    @classmethod
+    def from_config(cls, cfg, backend: str | None = None) -> "ParallelState":
+        """The layout of a parsed :class:`megalite.config.Config` (collective, as :meth:`from_sizes`)."""
+        p = cfg.parallel
+        return cls.from_sizes(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
+                              cp=p.context_parallel_size, vpp=cfg.virtual_pipeline_size, backend=backend)
+
     # -- groups ---------------------------------------------------------------------------
     tp_group = property(lambda self: self.groups.get("tp"))
     pp_group = property(lambda self: self.groups.get("pp"))

@@ -24,12 +24,14 @@ from .data.samplers import MegatronPretrainingSampler
 from .distributed.finalize import finalize_model_grads, tied_embedding_params
 from .distributed.grad_buffer import GradBuffer
 from .flops import model_flops_per_iteration
+from .checkpoint_format import global_name
 from .checkpointing import load_checkpoint, read_tracker, save_checkpoint
 from .model import build_model
 from .monitoring import TrainingMonitor
 from .model.context_parallel import get_batch_on_this_cp_rank
 from .optimizer import build_optimizer
 from .optimizer.lr_scheduler import LRScheduler
+from .optimizer.nonfinite import NonFiniteStreak, any_rank
 from .parallel_state import ParallelState
 from .pipeline_parallel.p2p import P2P
 from .pipeline_parallel.schedules import get_schedule
@@ -101,6 +103,17 @@ def check_same_flags_on_all_ranks(cfg: Config) -> None:
         raise ValueError(f"ranks {sorted(differing)} were launched with different flags than rank 0: {shown}")
 
 
+def model_order(model_chunks, pstate: ParallelState) -> dict[int, tuple[tuple[int, int], str]]:
+    """``id(param) -> ((virtual stage, index in the chunk), global name)``: sorting by the first
+    element lists the parameters of the whole model in order, embedding first."""
+    order = {}
+    for v, chunk in enumerate(model_chunks):
+        stage = v * pstate.pp_size + pstate.pp_rank
+        for i, (name, p) in enumerate(chunk.named_parameters()):
+            order[id(p)] = ((stage, i), global_name(chunk, name))
+    return order
+
+
 def loss_step(chunk, microbatch):
     """The ``step_fn`` of the schedules: run a chunk; on the last stage sum the masked losses."""
     output = chunk(microbatch["tokens"], position_ids=microbatch.get("position_ids"),
@@ -127,7 +140,7 @@ class Trainer:
                                  deferred_params=tied_embedding_params(self.model, pstate))
         self.optimizer = build_optimizer(self.model, self.buffer, pstate, cfg)
         self.scheduler = LRScheduler(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters, t.lr_decay_style,
-                                     t.lr_wsd_decay_iters)
+                                     t.lr_wsd_decay_iters, t.lr_wsd_decay_style)
         self.timeline = (Timeline(pstate.rank, pp_size=pstate.pp_size, pp_rank=pstate.pp_rank, vpp_size=len(self.model),
                                   microbatches=cfg.num_microbatches, tp_rank=pstate.tp_rank, dp_rank=pstate.dp_rank)
                          if cfg.logging.timeline_file else None)
@@ -139,6 +152,8 @@ class Trainer:
         self.padded_vocab_size = self.model[0].padded_vocab_size
         self.iteration = self.consumed_samples = 0
         self.skipped_iterations = self.nan_iterations = self.consumed_valid_samples = 0
+        self.nan_streak = NonFiniteStreak(model_order(self.model, pstate), t.max_consecutive_nan_iterations,
+                                          pstate.rank)
 
     def _run_schedule(self, microbatches: list[dict], forward_only: bool, loss_scale: float = 1.0) -> tuple[float, float]:
         """Run the schedule; return (sum of token losses, number of tokens) over the global batch."""
@@ -161,29 +176,41 @@ class Trainer:
         return loss_sum.item(), tokens.item()
 
     def train_step(self, microbatches: list[dict]) -> dict:
-        """One iteration over a global batch; returns loss, grad norm, lr and loss scale."""
-        lr = self.scheduler.step(self.optimizer)
-        loss_scale = self.optimizer.scaler.scale
+        """One iteration over a global batch; returns loss, grad norm, lr and loss scale.
+
+        Raises :class:`NonFiniteGradientsError` (on every rank) when this is the
+        ``--max-consecutive-nan-iterations``-th iteration in a row with non-finite grads."""
+        lr = self.scheduler.apply(self.optimizer)
+        scaler = self.optimizer.scaler
+        loss_scale = scaler.scale
         self.buffer.start_grad_sync(len(microbatches))
         start = time.perf_counter()
         loss_sum, tokens = self._run_schedule(microbatches, forward_only=False, loss_scale=loss_scale)
         if self.timeline is not None:  # the span tools/plot_timeline.py cuts the last iteration by
             self.timeline.record("iteration", start, time.perf_counter())
         finalize_model_grads(self.model, self.pstate, self.buffer)
+        self.iteration += 1
+        nonfinite = False
         if tokens > 0:
             updated, grad_norm = self.optimizer.step()
             loss = loss_sum / tokens
-            self.nan_iterations += not math.isfinite(loss) if self.is_logging_rank else 0
+            if not updated:  # the grad norm was inf/NaN: a true non-finite step or an fp16 overflow?
+                overflow_only = scaler.dynamic and loss_scale > scaler.min_scale and not any_rank(
+                    not math.isfinite(loss_sum), self.device)
+                nonfinite = not overflow_only
         else:  # every rank counts the same tokens (all-reduced over DP/CP, same samples on TP/PP)
             updated, grad_norm, loss = False, float("nan"), float("nan")
             if self.pstate.rank == 0:
-                self.log(f"> iteration {self.iteration + 1}: the global batch has no token with "
+                self.log(f"> iteration {self.iteration}: the global batch has no token with "
                          "loss_mask > 0; update skipped")
-        self.iteration += 1
+        if updated:
+            self.scheduler.advance()  # as Megatron: a skipped update does not advance the LR schedule
+        self.nan_iterations += nonfinite
+        self.nan_streak.record(self.iteration, nonfinite, self.optimizer, self.log)  # may raise
         self.consumed_samples += self.cfg.training.global_batch_size
         self.skipped_iterations += not updated
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": loss_scale, "updated": updated,
-                "tokens": tokens}
+                "tokens": tokens, "nonfinite": nonfinite}
 
     @torch.no_grad()
     def evaluate(self, batches: BatchIterator, eval_iters: int) -> float:
@@ -221,12 +248,6 @@ class StopConditions:
     def _on_signal(self, signum, frame):
         self.signalled = True
 
-    def _any_rank_signalled(self) -> bool:
-        flag = torch.tensor([float(self.signalled)], device=self.device)  # NCCL reduces CUDA tensors only
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def should_exit(self, iteration: int) -> bool:
         lg = self.cfg.logging
         if lg.exit_interval and iteration % lg.exit_interval == 0:
@@ -239,7 +260,7 @@ class StopConditions:
 
     def should_save(self, iteration: int) -> bool:
         lg = self.cfg.logging
-        self.signalled_now = lg.exit_signal_handler and self._any_rank_signalled()
+        self.signalled_now = lg.exit_signal_handler and any_rank(self.signalled, self.device)
         return bool((lg.save_interval and iteration % lg.save_interval == 0) or self.signalled_now
                     or (lg.exit_interval and iteration % lg.exit_interval == 0))
 
@@ -255,8 +276,16 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
     """Train for ``--train-iters`` iterations; return per-iteration stats (``loss``, ``grad_norm``,
     ``lr``). The loss is known on the logging rank (last stage); elsewhere it is NaN."""
     check_same_flags_on_all_ranks(cfg)
+    return train(Trainer(cfg, pstate, vocab_size, device, log), datasets)
+
+
+def train(trainer: Trainer, datasets) -> list[dict]:
+    """The loop of :func:`pretrain` for a built ``trainer``: load, iterate, log, evaluate, save.
+
+    Raises :class:`NonFiniteGradientsError` after ``--max-consecutive-nan-iterations``
+    iterations in a row with non-finite grads; no checkpoint is written during such a streak."""
+    cfg, pstate, device, log = trainer.cfg, trainer.pstate, trainer.device, trainer.log
     train_ds, valid_ds, _ = datasets
-    trainer = Trainer(cfg, pstate, vocab_size, device, log)
     if pstate.rank == 0:
         report = trainer.optimizer.memory_report()
         log("> memory per parameter on rank 0 (bytes): " + ", ".join(
@@ -268,7 +297,7 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
                         load_optim=not cfg.logging.no_load_optim, load_rng=not cfg.logging.no_load_rng, log=log)
     train_batches = BatchIterator(train_ds, cfg, pstate, trainer.consumed_samples, device)
     valid_batches = None
-    if valid_ds is not None:
+    if valid_ds is not None and len(valid_ds) > 0:  # (a weighted blend without validation samples is empty)
         valid_batches = BatchIterator(valid_ds, cfg, pstate, trainer.consumed_valid_samples % len(valid_ds), device)
     stop = StopConditions(cfg, pstate, device)
     monitor = TrainingMonitor(cfg, enabled=trainer.is_logging_rank, world_size=pstate.world_size,
@@ -284,7 +313,7 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
         seconds = time.perf_counter() - start
         window_time, window_iters = window_time + seconds, window_iters + 1
         history.append({**stats, "loss": stats["loss"] if trainer.is_logging_rank else math.nan})
-        if stats["tokens"] > 0:  # as Megatron: a batch without loss tokens has no loss to average
+        if stats["updated"]:  # as Megatron: skipped iterations (no loss token, inf/NaN) are not averaged
             window_losses.append(stats["loss"])
         it = trainer.iteration
         monitor.iteration(it, stats, seconds)  # TensorBoard / W&B scalars (logging rank only)
@@ -305,14 +334,23 @@ def pretrain(cfg: Config, pstate: ParallelState, datasets, vocab_size: int, devi
                 log(format_validation_line(f"iteration {it}", val))
                 monitor.validation(it, val)
         if stop.should_save(it) and cfg.logging.save:
-            save_checkpoint(trainer, cfg.logging.save, cfg.logging.keep_last, log=log)
+            _save_unless_nonfinite(trainer, it)
         stop.inject_fault(it)
         if stop.should_exit(it):
             log(f"> exiting after iteration {it} ({stop.reason})") if pstate.rank == 0 else None
             break
     if cfg.logging.save and trainer.iteration > 0 and read_tracker(cfg.logging.save) != trainer.iteration:
-        save_checkpoint(trainer, cfg.logging.save, cfg.logging.keep_last, log=log)
+        _save_unless_nonfinite(trainer, trainer.iteration)
     if trainer.timeline is not None:
         trainer.timeline.save(cfg.logging.timeline_file)
     monitor.close()
     return history
+
+
+def _save_unless_nonfinite(trainer: Trainer, iteration: int) -> None:
+    """Save a checkpoint, except during a streak of non-finite iterations (said in the log)."""
+    if not trainer.nan_streak.active:
+        save_checkpoint(trainer, trainer.cfg.logging.save, trainer.cfg.logging.keep_last, log=trainer.log)
+    elif trainer.pstate.rank == 0:
+        trainer.log(f"> iteration {iteration}: no checkpoint saved: the gradients have been non-finite since "
+                    f"iteration {trainer.nan_streak.first_iteration}")

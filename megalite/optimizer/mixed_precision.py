@@ -14,6 +14,7 @@ Adam is elementwise, so updating fragments gives exactly the update of whole par
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,8 @@ class MixedPrecisionOptimizer:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
                                            fused=fused_adamw_supported([f.main for f in self.fragments]))
         self.copy_back = not fp32_model
+        self._counted = torch.tensor([norm_counted(f.param, pstate.tp_rank) for f in self.fragments],
+                                     dtype=torch.bool, device=buffer.grad_data.device)
         self.num_updates = 0  # successful steps: Adam's step count (saved in checkpoints)
 
     @property
@@ -90,39 +93,39 @@ class MixedPrecisionOptimizer:
     def _grads(self) -> list[torch.Tensor]:
         return [f.main.grad for f in self.fragments]
 
-    def _found_inf(self) -> bool:
-        flag = torch.zeros(1, device=self.buffer.grad_data.device)
-        grads = self._grads()
-        if grads:
-            flag = torch.stack([(~torch.isfinite(g)).any() for g in grads]).any().float().reshape(1)
-        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must skip together
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def grad_norm(self) -> float:
-        """Global L2 norm of the (unscaled) grads: every element of the model counted once."""
-        counted = [f.main.grad for f in self.fragments if norm_counted(f.param, self.pstate.tp_rank)]
-        total = torch.zeros(1, dtype=torch.float32, device=self.buffer.grad_data.device)
-        if counted:  # one foreach kernel for all the per-tensor norms
-            total += torch.stack(torch._foreach_norm(counted)).square().sum()
+        """Global L2 norm of the (unscaled) grads, every element of the model counted once; NaN
+        when any grad on any rank is not finite, also one the norm does not count (a replica on
+        another TP rank, the last stage's copy of a tied embedding): a replica with a NaN would
+        otherwise be updated with it and drift from its twins."""
+        stats = torch.zeros(2, dtype=torch.float32, device=self.buffer.grad_data.device)
+        grads = self._grads()
+        if grads:  # one foreach kernel for all the per-tensor norms; [sum of squares, non-finite count]
+            norms = torch.stack(torch._foreach_norm(grads))
+            stats = torch.stack([torch.where(self._counted, norms, 0.0).square().sum(),  # (no mask indexing: no sync)
+                                 (~torch.isfinite(norms)).sum().float()])
         groups = [self.pstate.mp_group] + ([self.pstate.dp_cp_group] if self.distributed else [])
         for group in groups:
             if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(total, group=group)
-        return total.sqrt().item()
+                dist.all_reduce(stats, group=group)
+        sum_of_squares, nonfinite = stats.tolist()  # one host sync
+        return math.sqrt(sum_of_squares) if nonfinite == 0 else float("nan")
 
     def step(self) -> tuple[bool, float]:
-        """Unscale, check for inf/nan (skip the step if any), clip, update, publish params.
+        """Unscale, take the global grad norm, skip the update if it is not finite, else clip,
+        update and publish the params.
 
-        Returns ``(updated, grad_norm)``; the norm is NaN for a skipped step."""
+        Any inf/NaN grad on any rank makes the norm NaN (see :meth:`grad_norm`), and the norm is
+        all-reduced over every rank that holds different grads, so all ranks skip together, in
+        every precision (the dynamic fp16 scaler then backs off). Returns ``(updated, grad_norm)``."""
         grads = self._grads()
         if self.scaler.scale != 1.0 and grads:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
-        if self.scaler.dynamic and self._found_inf():
-            self.scaler.update(found_inf=True)
-            return False, float("nan")
-        self.scaler.update(found_inf=False)
         norm = self.grad_norm()
+        finite = math.isfinite(norm)
+        self.scaler.update(found_inf=not finite)
+        if not finite:
+            return False, norm
         if self.clip_grad > 0 and norm > self.clip_grad and grads:
             torch._foreach_mul_(grads, self.clip_grad / (norm + 1e-6))
         self.optimizer.step()
@@ -133,6 +136,10 @@ class MixedPrecisionOptimizer:
         if self.distributed:
             self.buffer.all_gather_params()
         return True, norm
+
+    def nonfinite_params(self) -> list[torch.nn.Parameter]:
+        """The params whose grads (the reduced part this rank updates) hold an inf or NaN."""
+        return [f.param for f in self.fragments if not torch.isfinite(f.main.grad).all()]
 
     # -- accounting and state ------------------------------------------------------------
     def memory_report(self) -> dict:
