@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed_helper import run_distributed
-from training_helpers import train
+from equivalence import run_layout as train
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "docs/data.md", "docs/parallelism.md", "docs/checkpoints.md", "docs/performance.md",
-        "docs/architecture.md", "docs/pitfalls.md", "examples/multinode.md"]
+        "docs/architecture.md", "docs/pitfalls.md", "docs/testing.md", "examples/multinode.md"]
 BLOCK_RE = re.compile(r"(<!-- docs-check: skip[^>]*-->\s*)?```(?:bash|sh)\n(.*?)```", re.S)
 _already_run: set[str] = set()  # the same command in two docs runs once
 
@@ -70,3 +70,20 @@ def test_block_extraction_honours_skip_markers():
     blocks = shell_blocks("docs/data.md")
     assert blocks and not any("gpt2-vocab.json" in b for b in blocks)  # placeholders are skipped
     assert any("tools/preprocess_data.py" in b for b in blocks)
+
+
+def test_tests_named_in_the_docs_exist():
+    """A doc that names a test (docs/testing.md lists which test catches which planted bug) must
+    name one that exists: a renamed or deleted test fails here, not silently in the docs."""
+    defined = set()
+    for name in os.listdir(os.path.join(ROOT, "tests")):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "tests", name)) as f:
+                defined |= set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    missing = {}
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc)) as f:
+            for name in set(re.findall(r"\b(test_\w+)", f.read())):
+                if name not in defined and not os.path.exists(os.path.join(ROOT, "tests", name + ".py")):
+                    missing.setdefault(doc, []).append(name)
+    assert not missing, f"docs name tests that do not exist: {missing}"

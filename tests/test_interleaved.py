@@ -1,17 +1,11 @@
-"""Interleaved 1F1B (virtual pipeline stages) reproduces the single-process fp32 loss curve."""
-import functools
-
+"""Interleaved 1F1B (virtual pipeline stages) computes the serial model's grads and weights (fp32)."""
 import pytest
 
-from training_helpers import TINY, assert_curves_equal, train
+from equivalence import TINY, assert_equivalent, run_layout, serial
 
 PP = "--pipeline-model-parallel-size"
 VPP = "--num-layers-per-virtual-pipeline-stage"
-
-
-@functools.lru_cache(maxsize=None)
-def serial(extra: tuple = ()) -> dict:
-    return train(TINY + list(extra), 1)
+TP = "--tensor-model-parallel-size"
 
 
 @pytest.mark.parametrize("extra,layout,world", [
@@ -20,13 +14,24 @@ def serial(extra: tuple = ()) -> dict:
     pytest.param(("--num-layers", "8"), [PP, "4", VPP, "1"], 4, id="pp4-v2-m4"),  # m = pp: all F, then all B
     pytest.param(("--num-layers", "8"), [PP, "2", VPP, "2"], 2, id="pp2-v2-2layers"),  # 2 layers per chunk
     pytest.param((), [PP, "2", VPP, "1"], 4, id="pp2-v2-dp2"),  # m = 2 per DP rank
-    pytest.param((), ["--tensor-model-parallel-size", "2", PP, "2", VPP, "1"], 4, id="tp2-pp2-v2"),
+    pytest.param((), [TP, "2", PP, "2", VPP, "1"], 4, id="tp2-pp2-v2"),
 ])
 def test_interleaved_matches_serial(extra, layout, world):
     ref = serial(extra)
-    got = train(TINY + list(extra) + layout, world)
-    assert_curves_equal(ref, got)
+    assert_equivalent(ref, run_layout(TINY + list(extra) + layout, world))
     assert ref["loss"][-1] < ref["loss"][0]  # the curve compared is a training curve
+
+
+@pytest.mark.slow
+def test_interleaved_3d_with_everything_on_8_ranks():
+    """TP2 x PP2 x DP2, virtual stages, distributed optimizer, overlapped reduction in several
+    buckets, sequence parallel, untied output layer: each feature's grads in one run."""
+    extra = ("--untie-embeddings-and-output-weights", "--global-batch-size", "16", "--clip-grad", "0.7")
+    layout = [TP, "2", PP, "2", VPP, "1", "--use-distributed-optimizer", "--overlap-grad-reduce",
+              "--ddp-bucket-size", "2000", "--sequence-parallel"]
+    ref = serial(extra)
+    assert sum(norm > 0.7 for norm in ref["grad_norm"]) >= 3  # clipped updates are compared too
+    assert_equivalent(ref, run_layout(TINY + list(extra) + layout, 8, timeout=400))
 
 
 def test_interleaved_runs_the_interleaved_schedule():
@@ -67,7 +72,7 @@ def test_timeline_file_records_the_interleaved_schedule(tmp_path):
     from tools import plot_timeline
 
     path = str(tmp_path / "tl")
-    train(TINY + [PP, "2", VPP, "1", "--train-iters", "2", "--timeline-file", path], 2)
+    run_layout(TINY + [PP, "2", VPP, "1", "--train-iters", "2", "--timeline-file", path], 2)
     ranks = plot_timeline.load(path)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["meta"]["pp_rank"] for r in ranks] == [0, 1]

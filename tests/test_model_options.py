@@ -1,21 +1,16 @@
 """Llama-style model options (RoPE, RMSNorm, SwiGLU, no biases, untied output, GQA) and the
-optional fused backends: parallel == serial, RoPE against an independent reference, clear errors."""
-import functools
+optional fused backends: parallel == serial (grads and weights), RoPE against an independent
+reference, clear errors."""
 import sys
 
 import pytest
 import torch
 
-from training_helpers import TINY, assert_curves_equal, train
+from equivalence import TINY, assert_equivalent, run_layout, serial
 
 LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--disable-bias-linear", "--untie-embeddings-and-output-weights",
          "--group-query-attention", "--num-query-groups", "2"]
-
-
-@functools.lru_cache(maxsize=None)
-def serial(extra: tuple) -> dict:
-    return train(TINY + list(extra), 1)
 
 
 # -- Llama configuration: parallel == serial ---------------------------------------------
@@ -26,14 +21,17 @@ def serial(extra: tuple) -> dict:
 def test_llama_matches_serial(layout, world):
     ref = serial(tuple(LLAMA))
     assert ref["loss"][-1] < ref["loss"][0]
-    assert ref["loss"] != serial(())["loss"]  # the options do change the model
-    assert_curves_equal(ref, train(TINY + LLAMA + layout, world))
+    assert ref["loss"] != serial()["loss"]  # the options do change the model
+    assert_equivalent(ref, run_layout(TINY + LLAMA + layout, world))
 
 
-def test_gqa_two_groups_at_tp2_matches_serial():
-    extra = ("--group-query-attention", "--num-query-groups", "2", "--disable-bias-linear")
+def test_gqa_two_groups_per_tp_rank_with_two_heads_per_group():
+    """8 heads in 4 KV groups at TP2: each rank holds 2 groups of 2 query heads (the QKV rows of
+    a rank are [q q k v q q k v]): a wrong row split would mix groups and change the grads."""
+    extra = ("--num-attention-heads", "8", "--group-query-attention", "--num-query-groups", "4")
     ref = serial(extra)
-    assert_curves_equal(ref, train(TINY + list(extra) + ["--tensor-model-parallel-size", "2"], 2))
+    assert ref["params"]["layers.0.attention.qkv.weight"].shape == ((8 + 2 * 4) * 4, 32)
+    assert_equivalent(ref, run_layout(TINY + list(extra) + ["--tensor-model-parallel-size", "2"], 2))
 
 
 def test_gqa_one_group_serial_differs_from_mha_and_tp2_is_a_clear_error():

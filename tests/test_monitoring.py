@@ -16,7 +16,7 @@ from megalite.data.build import build_datasets
 from megalite.flops import model_flops_per_iteration
 from megalite.parallel_state import ParallelState, coordinates
 from megalite.training import pretrain
-from training_helpers import TINY, train
+from equivalence import TINY, run_layout as train
 
 LOG_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss: ([0-9.E+-]+) \|")
 SHORT = TINY + ["--train-iters", "4", "--log-interval", "2", "--eval-interval", "2", "--eval-iters", "1"]

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from training_helpers import TINY
+from equivalence import FP32, TINY, assert_tensors_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_RE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss: ([0-9.E+-]+) \|")
@@ -135,20 +135,34 @@ def _assert_close(ref: dict[int, float], got: dict[int, float], rtol: float = 1e
 
 
 @pytest.fixture(scope="module")
-def serial_losses():
-    """The single-process reference: ``python pretrain_gpt.py`` with the same flags."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *ARGS], capture_output=True,
-                         text=True, timeout=TIMEOUT, cwd=ROOT, env=_env())
+def serial_run(tmp_path_factory):
+    """The single-process reference: ``python pretrain_gpt.py`` with the same flags; its losses
+    and its final weights (saved, read back by global name)."""
+    save = str(tmp_path_factory.mktemp("serial") / "ckpt")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *ARGS, "--save", save],
+                         capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT, env=_env())
     assert out.returncode == 0, out.stderr[-3000:]
     losses = _losses(out.stdout)
     assert sorted(losses) == list(range(1, ITERS + 1))
     assert losses[ITERS] < losses[1]  # it trains
-    return losses
+    return {"losses": losses, "weights": _weights(save)}
+
+
+def _weights(save: str) -> dict:
+    """The final weights of a run by global name, as numpy arrays."""
+    from megalite.hf_conversion import read_megalite_checkpoint
+    return {name: t.float().numpy() for name, t in read_megalite_checkpoint(save)[0].items()}
+
+
+def _assert_weights_close(ref: dict, got: dict) -> None:
+    """The weights of a multi-node run equal the serial run's (FP32 tolerances of the harness)."""
+    assert_tensors_close(ref, got, FP32.param_rtol, FP32.param_atol_lr * 3e-3, "weights at the end")  # TINY's lr
 
 
 @pytest.mark.slow
-def test_two_nodes_tp_inside_node_pp_across_nodes(tmp_path, serial_losses):
-    outputs = _two_nodes(ARGS + LAYOUT, tmp_path)
+def test_two_nodes_tp_inside_node_pp_across_nodes(tmp_path, serial_run):
+    save = str(tmp_path / "ckpt")
+    outputs = _two_nodes(ARGS + LAYOUT + ["--save", save], tmp_path)
     # Each launcher's local rank 0 states its node's ranks and their coordinates, once.
     nodes = {}
     for out in outputs:
@@ -164,11 +178,13 @@ def test_two_nodes_tp_inside_node_pp_across_nodes(tmp_path, serial_losses):
         assert {c[1] for c in ranks.values()} == {node}                # pp = node: PP across the nodes
         assert {c[2:] for c in ranks.values()} == {(0, 0)}             # dp 0, cp 0
     losses = _losses("".join(outputs))
-    _assert_close(serial_losses, losses)
+    _assert_close(serial_run["losses"], losses)
+    _assert_weights_close(serial_run["weights"], _weights(save))
 
 
 @pytest.mark.slow
-def test_worker_killed_on_node_1_restarts_both_nodes_and_resumes(tmp_path, serial_losses):
+def test_worker_killed_on_node_1_restarts_both_nodes_and_resumes(tmp_path, serial_run):
+    serial_losses = serial_run["losses"]
     save = str(tmp_path / "ckpt")
     fault_rank = 3  # local rank 1 of node 1 (the last pipeline stage's second TP rank)
     args = ARGS + LAYOUT + ["--save", save, "--load", save, "--save-interval", "3",
@@ -197,6 +213,7 @@ def test_worker_killed_on_node_1_restarts_both_nodes_and_resumes(tmp_path, seria
     for it, loss in first.items():
         assert abs(loss - serial_losses[it]) <= 1e-5 * abs(serial_losses[it])
     _assert_close(serial_losses, _losses("".join(outputs)))
+    _assert_weights_close(serial_run["weights"], _weights(save))
 
 
 SBATCH = os.path.join(ROOT, "examples", "slurm", "pretrain_gpt.sbatch")

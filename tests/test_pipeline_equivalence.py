@@ -1,17 +1,10 @@
-"""Pipeline layouts (with TP and DP: full 3D) reproduce the single-process fp32 loss curve."""
-import functools
-
+"""Pipeline layouts (with TP and DP: full 3D) compute the serial model's grads and weights (fp32)."""
 import pytest
 
-from training_helpers import TINY, assert_curves_equal, train
+from equivalence import TINY, assert_equivalent, run_layout, serial
 
 PP = "--pipeline-model-parallel-size"
 TP = "--tensor-model-parallel-size"
-
-
-@functools.lru_cache(maxsize=None)
-def serial(extra: tuple = ()) -> dict:
-    return train(TINY + list(extra), 1)
 
 
 @pytest.mark.parametrize("layout,world", [
@@ -22,22 +15,28 @@ def serial(extra: tuple = ()) -> dict:
     ([PP, "2", "--pipeline-schedule", "gpipe"], 2),
 ])
 def test_pipeline_layouts_match_serial(layout, world):
-    assert_curves_equal(serial(), train(TINY + layout, world))
-
-
-@pytest.mark.slow
-def test_3d_tp2_pp2_dp2_on_8_ranks():
-    assert_curves_equal(serial(), train(TINY + [TP, "2", PP, "2"], 8, timeout=400))
+    assert_equivalent(serial(), run_layout(TINY + layout, world))
 
 
 def test_untied_embeddings_pp2():
     extra = ("--untie-embeddings-and-output-weights",)
     ref = serial(extra)
     assert ref["loss"] != serial()["loss"]
-    assert_curves_equal(ref, train(TINY + list(extra) + [PP, "2"], 2))
+    assert "output_layer.weight" in ref["params"]
+    assert_equivalent(ref, run_layout(TINY + list(extra) + [PP, "2"], 2))
 
 
 def test_fewer_microbatches_than_stages():
     """1F1B with m < p: warmup is capped at m, the schedule still drains correctly."""
     extra = ("--global-batch-size", "2")  # one micro-batch of 2 on 4 stages
-    assert_curves_equal(serial(extra), train(TINY + list(extra) + [PP, "4"], 4))
+    assert_equivalent(serial(extra), run_layout(TINY + list(extra) + [PP, "4"], 4))
+
+
+def test_selective_recompute_under_pp():
+    extra = ("--recompute-granularity", "selective")
+    assert_equivalent(serial(), run_layout(TINY + list(extra) + [TP, "2", PP, "2"], 4))
+
+
+def test_full_recompute_under_tp_pp():
+    extra = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    assert_equivalent(serial(), run_layout(TINY + extra + [TP, "2", PP, "2"], 4))

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from distributed_helper import run_distributed
-from training_helpers import TINY, assert_curves_equal
+from equivalence import TINY, assert_equivalent, run_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PP, TP, VPP = "--pipeline-model-parallel-size", "--tensor-model-parallel-size", "--num-layers-per-virtual-pipeline-stage"
@@ -98,12 +98,7 @@ def _pretrain(rank, world, argv, wrapper=None):
 
     argv = argv[rank] if isinstance(argv[0], list) else argv
     cfg = parse_args(argv, world_size=world)
-    p = cfg.parallel
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage:
-        vpp = cfg.model.num_layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
-    ps = ParallelState.from_sizes(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                                  cp=p.context_parallel_size, vpp=vpp)
+    ps = ParallelState.from_config(cfg)
     datasets, vocab = build_datasets(cfg, log=lambda m: None)
     if wrapper is not None:
         datasets = tuple(None if d is None else wrapper(d) for d in datasets)
@@ -117,15 +112,6 @@ def _pretrain(rank, world, argv, wrapper=None):
 
 def run(argv, world: int, wrapper=None, timeout: float = 240.0) -> list[dict]:
     return run_distributed(_pretrain, world, argv, wrapper, timeout=timeout)
-
-
-def curves(results: list[dict]) -> dict:
-    """The logging rank's curves, in training_helpers.train's format."""
-    logging = [r for r in results if not math.isnan(r["history"][0]["loss"])]
-    assert len(logging) == 1
-    return {"loss": [h["loss"] for h in logging[0]["history"]],
-            "grad_norm": [h["grad_norm"] for h in logging[0]["history"]],
-            "all_grad_norms": [[h["grad_norm"] for h in r["history"]] for r in results]}
 
 
 # == 1. Loss normalisation ====================================================================
@@ -169,7 +155,7 @@ MASKED = TINY + ["--train-iters", "3"]
 
 @functools.lru_cache(maxsize=None)
 def one_microbatch_masked() -> dict:
-    return curves(run(MASKED + ["--micro-batch-size", "8"], 1, MaskedSamples))  # TP1/DP1/PP1, 1 micro-batch
+    return run_layout(MASKED + ["--micro-batch-size", "8"], 1, wrapper=MaskedSamples)  # one micro-batch
 
 
 @pytest.mark.parametrize("layout,world", [
@@ -177,8 +163,8 @@ def one_microbatch_masked() -> dict:
     (["--micro-batch-size", "1", PP, "2"], 4),               # PP2 x DP2 x 4 micro-batches, 1F1B
     ([PP, "2", VPP, "1"], 2),                                # interleaved 1F1B, 4 micro-batches of 2
 ])
-def test_masked_loss_and_grad_norm_do_not_depend_on_layout(layout, world):
-    assert_curves_equal(one_microbatch_masked(), curves(run(MASKED + layout, world, MaskedSamples)))
+def test_masked_loss_and_grads_do_not_depend_on_layout(layout, world):
+    assert_equivalent(one_microbatch_masked(), run_layout(MASKED + layout, world, wrapper=MaskedSamples))
 
 
 def _step_without_loss_tokens(rank, world, argv):

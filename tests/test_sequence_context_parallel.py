@@ -1,20 +1,14 @@
-"""Sequence parallelism and context parallelism reproduce the single-process fp32 loss curve."""
-import functools
-
+"""Sequence parallelism and context parallelism compute the serial model's grads and weights (fp32)."""
 import pytest
 import torch
 
 from distributed_helper import run_distributed
-from training_helpers import TINY, assert_curves_equal, train
+from equivalence import TINY, assert_equivalent, run_layout, serial
 
 SP = ["--sequence-parallel"]
 LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
          "--disable-bias-linear", "--group-query-attention", "--num-query-groups", "2"]
-
-
-@functools.lru_cache(maxsize=None)
-def serial(extra: tuple = ()) -> dict:
-    return train(TINY + list(extra), 1)
+DIST_OPT_OVERLAP = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "2000"]
 
 
 def tp(n):
@@ -28,13 +22,7 @@ def cp(n):
 # -- sequence parallel -------------------------------------------------------------------
 @pytest.mark.parametrize("layout,world", [(tp(2), 2), (tp(4), 4)])
 def test_sequence_parallel_matches_serial(layout, world):
-    assert_curves_equal(serial(), train(TINY + SP + layout, world))
-
-
-@pytest.mark.slow
-def test_sequence_parallel_tp2_pp2_dp2_matches_serial():
-    assert_curves_equal(serial(), train(TINY + SP + tp(2) + ["--pipeline-model-parallel-size", "2"], 8,
-                                        timeout=400))
+    assert_equivalent(serial(), run_layout(TINY + SP + layout, world))
 
 
 def _train_steps_and_get_sp_params(rank, world, argv, steps, drop_sp_reduction):
@@ -131,11 +119,13 @@ def test_context_parallel_attention_forward_and_backward_match_full(world):
     (tuple(LLAMA), cp(2) + tp(2) + SP, 4),                        # CP x TP with sequence parallel
     ((), cp(2) + ["--pipeline-model-parallel-size", "2"], 4),     # CP x PP: p2p of seq / cp
     (("--recompute-granularity", "selective"), cp(2), 2),          # CP attention recomputed in backward
+    ((), cp(2), 4),                                               # CP2 x DP2: grads reduced over dp_cp
+    ((), cp(2) + DIST_OPT_OVERLAP, 4),                            # ZeRO shards over dp_cp, overlapped
 ])
 def test_context_parallel_matches_serial(extra, layout, world):
     ref = serial(extra)
     assert ref["loss"][-1] < ref["loss"][0]
-    assert_curves_equal(ref, train(TINY + list(extra) + layout, world))
+    assert_equivalent(ref, run_layout(TINY + list(extra) + layout, world))
 
 
 def test_context_parallel_needs_divisible_sequence():
