@@ -18,7 +18,7 @@ over all timed iterations and the ratio of medians (megalite / reference).
 megalite is driven exactly as ``pretrain`` drives it: ``megalite.config.parse_args`` +
 ``megalite.training.Trainer`` and ``Trainer.train_step`` on pre-built micro-batches (so data
 loading is excluded on both sides). With ``megatron.core`` importable, its ``GPTModel`` is a
-third column (best effort: megatron-core is not a dependency; on CPU two CUDA-only spots of it
+third column (best effort: megatron-core is a test dependency only; on CPU two CUDA-only spots of it
 are patched, see ``_megatron_cpu_shims``). It has the same parameter count but its own
 initialisation, so its loss is not compared, only its time.
 """

@@ -41,8 +41,8 @@ class TinyTPLanguageModel(nn.Module):
         return vocab_parallel_cross_entropy(logits, labels, self.group, self.vocab_size).mean()
 
 
-def train(steps: int = 30, seed: int = 0) -> list[float]:
-    """Train on a learnable synthetic sequence task; return the loss of every step."""
+def train(steps: int = 30, seed: int = 0) -> tuple[TinyTPLanguageModel, list[float]]:
+    """Train on a learnable synthetic sequence task; return the model and the loss of every step."""
     pstate = ParallelState.from_sizes(tp=dist.get_world_size() if dist.is_initialized() else 1)
     torch.manual_seed(seed)
     model = TinyTPLanguageModel(vocab_size=50, hidden=32, pstate=pstate)
@@ -57,13 +57,13 @@ def train(steps: int = 30, seed: int = 0) -> list[float]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses
+    return model, losses
 
 
 def main():
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
-    losses = train()
+    _, losses = train()
     if not dist.is_initialized() or dist.get_rank() == 0:
         for step in range(0, len(losses), 10):
             print(f"step {step + 1:3d} | loss {losses[step]:.6f}")
