@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 4 pretrain_gpt.py --tensor-model-parallel-size 2
 
 With no data flag the built-in corpus (the Python standard library's sources) is used.
-This file is the only place that reads the launcher's environment variables.
+This file is the only place that reads environment variables: the launcher's, and
+``MEGALITE_DEBUG=1`` (show the traceback of a user-facing error instead of one line).
 """
 import datetime
 import os
@@ -15,10 +16,11 @@ import torch.distributed as dist
 
 from megalite.config import parse_args
 from megalite.data.build import build_datasets
-from megalite.monitoring import rank_table_for
+from megalite.model.backends import missing_backends
 from megalite.optimizer.nonfinite import NonFiniteGradientsError
 from megalite.parallel_state import ParallelState, default_backend
-from megalite.training import check_same_flags_on_all_ranks, pretrain
+from megalite.training import Trainer, check_same_flags_on_all_ranks, train
+from megalite.training.monitoring import missing_monitoring_backends, rank_table_for
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -55,20 +57,41 @@ def log_node_ranks(pstate: ParallelState, log) -> None:
         log(f"megalite: node {node[0]} of {node[1]} ({node[2]}): ranks {ranks}")
 
 
-def main(argv=None) -> None:
-    rank, world_size, device = init_distributed()
+def check_optional_packages(cfg) -> list[str]:
+    """One message per flag that asks for an optional package that is missing (or needs CUDA)."""
+    return missing_backends(cfg.model) + missing_monitoring_backends(cfg.logging)
+
+
+def install_fault(trainer, iteration: int | None, fault_rank: int) -> None:
+    """``--inject-fault-at-iteration`` (testing): kill ``fault_rank`` once ``iteration`` has
+    finished (saved included), when the next one starts, as a crashed rank would die."""
+    if iteration is None or trainer.pstate.rank != fault_rank:
+        return
+    train_step = trainer.train_step
+
+    def train_step_or_die(microbatches):
+        if trainer.iteration == iteration:
+            print(f"> injected fault: rank {fault_rank} exits after iteration {iteration}", flush=True)
+            os._exit(17)
+        return train_step(microbatches)
+    trainer.train_step = train_step_or_die
+
+
+def run(argv, rank: int, world_size: int, device: torch.device) -> None:
+    """Parse, lay out, build the data and the trainer, train."""
     cfg = parse_args(argv, world_size=world_size)
+    missing = check_optional_packages(cfg)
+    if missing:  # one line, as argparse reports a bad flag
+        print(f"pretrain_gpt.py: error: {'; '.join(missing)}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if dist.is_initialized():  # torchrun counts restarts per node: a node restarted because another
         counts = [None] * world_size  # node re-joined the rendezvous keeps its count; agree on the max
         dist.all_gather_object(counts, restarts)
         restarts = max(counts)
-    if restarts > 0:
-        cfg.logging.inject_fault_at_iteration = None  # the fault is injected in the first attempt only
     check_same_flags_on_all_ranks(cfg)  # before the process groups, which differing flags would hang
     pstate = ParallelState.from_config(cfg)
     log = (lambda msg: print(msg, flush=True))
-    quiet = (lambda msg: None)
     if rank == 0:
         log(f"megalite: world size {world_size} = TP {pstate.tp_size} x PP {pstate.pp_size} x "
             f"CP {pstate.cp_size} x DP {pstate.dp_size}; {cfg.num_microbatches} micro-batches of "
@@ -82,18 +105,35 @@ def main(argv=None) -> None:
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
-        datasets, vocab_size = build_datasets(cfg, quiet)
+        datasets, vocab_size = build_datasets(cfg, lambda msg: None)
+    trainer = Trainer(cfg, pstate, vocab_size, device=device, log=log)
+    if restarts == 0:  # the fault is injected in the first attempt only
+        install_fault(trainer, cfg.logging.inject_fault_at_iteration, cfg.logging.inject_fault_rank)
+    train(trainer, datasets)
+
+
+def main(argv=None) -> int:
+    """Train; on a user-facing error (missing or corrupt data or checkpoint files, inconsistent
+    input, a NaN streak) print one ``megalite: error: ...`` line and return 1 (the traceback
+    only with ``MEGALITE_DEBUG=1``)."""
+    rank, world_size, device = init_distributed()
     try:
-        pretrain(cfg, pstate, datasets, vocab_size, device=device, log=log)
-    except NonFiniteGradientsError as e:  # raised on every rank at the same iteration
-        if rank == 0:
-            print(f"megalite: error: {e}", file=sys.stderr, flush=True)
+        run(argv, rank, world_size, device)
+    except (NonFiniteGradientsError, OSError, ValueError, KeyError) as e:
+        if os.environ.get("MEGALITE_DEBUG") == "1":
+            raise
+        # A NaN streak stops every rank at once: rank 0 speaks for all. Other errors may hit one rank only.
+        if rank == 0 or not isinstance(e, NonFiniteGradientsError):
+            where = f"rank {rank}: " if world_size > 1 and not isinstance(e, NonFiniteGradientsError) else ""
+            message = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"megalite: error: {where}{message}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 1
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

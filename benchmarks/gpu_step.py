@@ -10,8 +10,8 @@ fused AdamW, SDPA attention, which picks its flash kernel for bf16 on CUDA, or f
 ``--use-flash-attn`` when installed) and ``Trainer.train_step`` on random tokens already on the
 GPU (no data loading). After ``--warmup`` iterations, ``--iters`` iterations are timed between
 two ``torch.cuda.synchronize()`` calls. Printed per model: time per iteration, tokens/s,
-TFLOP/s (megalite/flops.py's model FLOPs, as the log line) and MFU against the device's dense
-bf16 peak (megalite/monitoring.py's table, or ``--peak-tflops``), and the peak memory.
+TFLOP/s (megalite/planning/flops.py's model FLOPs, as the log line) and MFU against the device's dense
+bf16 peak (megalite/training/monitoring.py's table, or ``--peak-tflops``), and the peak memory.
 
 Without CUDA the script prints a note and exits 0 (unless ``--cpu-smoke``).
 """
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megalite.config import parse_args  # noqa: E402
 from megalite.model.backends import is_installed  # noqa: E402
-from megalite.monitoring import device_peak_tflops  # noqa: E402
+from megalite.training.monitoring import device_peak_tflops  # noqa: E402
 from megalite.parallel_state import ParallelState  # noqa: E402
 from megalite.training import Trainer  # noqa: E402
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--microbatches", type=int, default=4, help="micro-batches per iteration (default 4)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: megalite/monitoring.py's table)")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: megalite/training/monitoring.py's table)")
     parser.add_argument("--use-flash-attn", action="store_true", help="flash-attn kernels (pip install flash-attn)")
     parser.add_argument("--cpu-smoke", action="store_true", help="run a tiny model on CPU (checks the script, no MFU)")
     parser.add_argument("extra", nargs="*", help="more megalite flags after --, e.g. -- --recompute-granularity selective")

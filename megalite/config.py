@@ -200,29 +200,56 @@ def parse_args(argv: list[str] | None = None, world_size: int = 1) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Fill derived defaults and raise ValueError on inconsistent flags (one clear message)."""
-    m, p, t, d = cfg.model, cfg.parallel, cfg.training, cfg.data
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    errors = []
-    for name, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--context-parallel-size", cp), ("--num-layers", m.num_layers),
-                        ("--hidden-size", m.hidden_size), ("--num-attention-heads", m.num_attention_heads),
-                        ("--seq-length", m.seq_length), ("--micro-batch-size", t.micro_batch_size),
-                        ("--train-iters", t.train_iters), ("--log-interval", cfg.logging.log_interval),
-                        ("--max-consecutive-nan-iterations", t.max_consecutive_nan_iterations)):
-        if value < 1:
-            errors.append(f"{name} must be >= 1, got {value}")
+    """Fill derived defaults, then raise ValueError naming every inconsistent flag (one message).
+
+    Whether optional packages (flash-attn, transformer-engine, tensorboard, wandb) are installed
+    is checked where they are used (``pretrain_gpt.py``, the backends), not here."""
+    errors = _check_positive(cfg)
     if errors:
         raise ValueError("; ".join(errors))
+    p = cfg.parallel
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     if cfg.world_size % (tp * pp * cp):
         raise ValueError(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp} "
                          f"x --pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
-    dp = cfg.data_parallel_size
+    fill_defaults(cfg)
+    errors = _check_model(cfg) + _check_parallel(cfg) + _check_training_and_data(cfg) + _check_logging(cfg)
+    if errors:
+        raise ValueError("; ".join(errors))
+
+
+def fill_defaults(cfg: Config) -> None:
+    """Derived defaults: global batch (micro batch x DP), query groups (heads), position table
+    (seq length), FFN size (Megatron's 4h or the SwiGLU 8/3 rule), LR decay iterations."""
+    m, t = cfg.model, cfg.training
     if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * dp
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        errors.append(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                      f"{t.micro_batch_size} x data-parallel size {dp}")
+        t.global_batch_size = t.micro_batch_size * cfg.data_parallel_size
+    if not m.group_query_attention:
+        m.num_query_groups = m.num_attention_heads
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    if m.ffn_hidden_size is None:  # Megatron's rule: 4h, or 2/3 of it rounded down to 64 for SwiGLU
+        m.ffn_hidden_size = (max(64, int(4 * m.hidden_size * 2 / 3 / 64) * 64) if m.swiglu
+                             else 4 * m.hidden_size)
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.train_iters
+
+
+def _check_positive(cfg: Config) -> list[str]:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    values = (("--tensor-model-parallel-size", p.tensor_model_parallel_size),
+              ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
+              ("--context-parallel-size", p.context_parallel_size), ("--num-layers", m.num_layers),
+              ("--hidden-size", m.hidden_size), ("--num-attention-heads", m.num_attention_heads),
+              ("--seq-length", m.seq_length), ("--micro-batch-size", t.micro_batch_size),
+              ("--train-iters", t.train_iters), ("--log-interval", cfg.logging.log_interval),
+              ("--max-consecutive-nan-iterations", t.max_consecutive_nan_iterations))
+    return [f"{name} must be >= 1, got {value}" for name, value in values if value < 1]
+
+
+def _check_model(cfg: Config) -> list[str]:
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    errors = []
     if m.hidden_size % m.num_attention_heads:
         errors.append(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
     if m.num_attention_heads % tp:
@@ -234,22 +261,24 @@ def validate(cfg: Config) -> None:
         elif m.num_attention_heads % m.num_query_groups or m.num_query_groups % tp:
             errors.append(f"--num-query-groups {m.num_query_groups} must divide --num-attention-heads "
                           f"{m.num_attention_heads} and be divisible by --tensor-model-parallel-size {tp}")
-    else:
-        m.num_query_groups = m.num_attention_heads
+    if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
+        errors.append(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    if m.recompute_granularity == "full" and m.recompute_method is None:
+        errors.append("--recompute-granularity full needs --recompute-method uniform|block")
+    return errors
+
+
+def _check_parallel(cfg: Config) -> list[str]:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    errors = []
+    if t.global_batch_size % (t.micro_batch_size * cfg.data_parallel_size):
+        errors.append(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                      f"{t.micro_batch_size} x data-parallel size {cfg.data_parallel_size}")
     if m.num_layers % pp:
         errors.append(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     elif p.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = m.num_layers // pp
-        if pp < 2:
-            errors.append("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        elif per_stage % p.num_layers_per_virtual_pipeline_stage:
-            errors.append(f"--num-layers {m.num_layers} / --pipeline-model-parallel-size {pp} = {per_stage} layers "
-                          f"per stage is not divisible by --num-layers-per-virtual-pipeline-stage "
-                          f"{p.num_layers_per_virtual_pipeline_stage}")
-        elif not errors and cfg.num_microbatches % pp:
-            errors.append(f"interleaved pipeline schedule needs the number of micro-batches "
-                          f"({cfg.num_microbatches} = global batch / (micro batch x DP)) to be a multiple of "
-                          f"--pipeline-model-parallel-size {pp}")
+        errors += _check_virtual_stages(cfg, batch_ok=not errors)
     if p.pipeline_schedule == "gpipe" and p.num_layers_per_virtual_pipeline_stage is not None:
         errors.append("--pipeline-schedule gpipe does not support --num-layers-per-virtual-pipeline-stage "
                       "(virtual stages use the interleaved 1F1B schedule)")
@@ -260,10 +289,27 @@ def validate(cfg: Config) -> None:
                       f"divisible by --tensor-model-parallel-size {tp}")
     if cp > 1 and m.seq_length % (2 * cp):
         errors.append(f"--seq-length {m.seq_length} must be divisible by 2 x --context-parallel-size {cp}")
-    if m.max_position_embeddings is None:
-        m.max_position_embeddings = m.seq_length
-    if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
-        errors.append(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
+    return errors
+
+
+def _check_virtual_stages(cfg: Config, batch_ok: bool) -> list[str]:
+    pp, per_virtual = cfg.parallel.pipeline_model_parallel_size, cfg.parallel.num_layers_per_virtual_pipeline_stage
+    per_stage = cfg.model.num_layers // pp
+    if pp < 2:
+        return ["--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"]
+    if per_stage % per_virtual:
+        return [f"--num-layers {cfg.model.num_layers} / --pipeline-model-parallel-size {pp} = {per_stage} layers "
+                f"per stage is not divisible by --num-layers-per-virtual-pipeline-stage {per_virtual}"]
+    if batch_ok and cfg.num_microbatches % pp:
+        return [f"interleaved pipeline schedule needs the number of micro-batches "
+                f"({cfg.num_microbatches} = global batch / (micro batch x DP)) to be a multiple of "
+                f"--pipeline-model-parallel-size {pp}"]
+    return []
+
+
+def _check_training_and_data(cfg: Config) -> list[str]:
+    t, d = cfg.training, cfg.data
+    errors = []
     if t.bf16 and t.fp16:
         errors.append("--bf16 and --fp16 are mutually exclusive")
     if d.mock_data and d.data_path:
@@ -272,16 +318,14 @@ def validate(cfg: Config) -> None:
         errors.append("--data-path needs --tokenizer-type (and its files) to know the vocabulary")
     if d.data_path and len(d.data_path) > 1 and len(d.data_path) % 2:
         errors.append(f"--data-path with several datasets takes weight/prefix pairs, got {len(d.data_path)} values")
-    if m.recompute_granularity == "full" and m.recompute_method is None:
-        errors.append("--recompute-granularity full needs --recompute-method uniform|block")
-    from .model.backends import missing_backends  # lazy: the model package imports this module
-    errors.extend(missing_backends(m))
-    from .monitoring import missing_monitoring_backends  # lazy: tensorboard / wandb are optional
-    errors.extend(missing_monitoring_backends(cfg.logging))
-    if errors:
-        raise ValueError("; ".join(errors))
-    if m.ffn_hidden_size is None:  # Megatron's rule: 4h, or 2/3 of it rounded down to 64 for SwiGLU
-        m.ffn_hidden_size = (max(64, int(4 * m.hidden_size * 2 / 3 / 64) * 64) if m.swiglu
-                             else 4 * m.hidden_size)
-    if t.lr_decay_iters is None:
-        t.lr_decay_iters = t.train_iters
+    return errors
+
+
+def _check_logging(cfg: Config) -> list[str]:
+    lg = cfg.logging
+    errors = []
+    if not lg.wandb_project and (lg.wandb_exp_name or lg.wandb_save_dir):
+        errors.append("--wandb-exp-name / --wandb-save-dir need --wandb-project")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        errors.append(f"--peak-tflops must be > 0, got {lg.peak_tflops}")
+    return errors

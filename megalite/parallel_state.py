@@ -22,7 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-GROUP_NAMES = ("tp", "pp", "dp", "cp", "dp_cp", "mp", "embedding", "position_embedding")
+# Groups that get a torch process group. rank_groups() also returns "position_embedding"
+# (Megatron's layout, kept in ``group_ranks``), but nothing communicates over it: learned
+# position embeddings live on the first stage only, so their grads need no reduction across
+# stages. Creating an unused group would cost every rank a collective new_group call.
+PROCESS_GROUPS = ("tp", "pp", "dp", "cp", "dp_cp", "mp", "embedding")
 
 
 def _check_sizes(world_size: int, tp: int, pp: int, cp: int) -> int:
@@ -99,8 +103,8 @@ class ParallelState:
     Build it with :meth:`from_sizes` after ``torch.distributed.init_process_group`` (or without
     it for a single process, where every group is ``None`` and collectives are skipped).
     Groups are exposed as ``tp_group``, ``pp_group``, ``dp_group``, ``cp_group``,
-    ``dp_cp_group``, ``mp_group``, ``embedding_group`` and ``position_embedding_group``;
-    matching ``*_ranks`` lists hold the global ranks of this rank's group.
+    ``dp_cp_group``, ``mp_group`` and ``embedding_group``; ``group_ranks[name]`` holds the
+    global ranks of this rank's group for every name :func:`rank_groups` returns.
     """
 
     world_size: int = 1
@@ -132,15 +136,15 @@ class ParallelState:
                     dp_size=world_size // (tp * pp * cp), vpp_size=vpp,
                     tp_rank=coords["tp"], pp_rank=coords["pp"], cp_rank=coords["cp"],
                     dp_rank=coords["dp"])
-        for name in GROUP_NAMES:
+        for name, name_groups in layout.items():
+            state.group_ranks[name] = next((ranks for ranks in name_groups if rank in ranks), [])
+        for name in PROCESS_GROUPS:
+            state.groups[name] = None
             for ranks in layout[name]:
                 # new_group is collective over the whole world: every rank creates every group.
                 group = dist.new_group(ranks, backend=backend) if initialized and world_size > 1 else None
                 if rank in ranks:
                     state.groups[name] = group
-                    state.group_ranks[name] = ranks
-            state.groups.setdefault(name, None)
-            state.group_ranks.setdefault(name, [])
         return state
 
     @classmethod
@@ -158,14 +162,15 @@ class ParallelState:
     dp_cp_group = property(lambda self: self.groups.get("dp_cp"))
     mp_group = property(lambda self: self.groups.get("mp"))
     embedding_group = property(lambda self: self.groups.get("embedding"))
-    position_embedding_group = property(lambda self: self.groups.get("position_embedding"))
 
     @property
     def dp_cp_size(self) -> int:
+        """Size of the data-parallel group including context parallelism."""
         return self.dp_size * self.cp_size
 
     @property
     def dp_cp_rank(self) -> int:
+        """This rank's index in its ``dp_cp`` group (cp varies fastest, as in the rank order)."""
         return self.dp_rank * self.cp_size + self.cp_rank
 
     @property
@@ -175,14 +180,17 @@ class ParallelState:
 
     @property
     def next_pp_rank(self) -> int:
+        """Global rank of the next pipeline stage (wraps round: virtual stages go in a ring)."""
         return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
 
     @property
     def prev_pp_rank(self) -> int:
+        """Global rank of the previous pipeline stage (wraps round, as :attr:`next_pp_rank`)."""
         return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
 
     @property
     def in_embedding_group(self) -> bool:
+        """Whether this rank holds a copy of the (tied) word embeddings to keep in sync."""
         return self.rank in self.group_ranks.get("embedding", [self.rank])
 
     # -- pipeline stages --------------------------------------------------------------
@@ -197,16 +205,6 @@ class ParallelState:
         if vp_rank is not None and self.vpp_size and vp_rank != self.vpp_size - 1:
             return False
         return self.pp_rank == self.pp_size - 1
-
-    def virtual_stage_index(self, vp_rank: int) -> int:
-        """Position of model chunk ``vp_rank`` of this rank in the whole (virtual) pipeline."""
-        return vp_rank * self.pp_size + self.pp_rank
-
-    def describe(self) -> str:
-        """One line naming this rank and its coordinates, for start-up logs."""
-        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp_size} "
-                f"pp {self.pp_rank}/{self.pp_size} dp {self.dp_rank}/{self.dp_size} "
-                f"cp {self.cp_rank}/{self.cp_size}")
 
 
 def single_process_state() -> ParallelState:

@@ -69,10 +69,10 @@ FP16 = Tolerance(loss_rtol=1e-4, norm_rtol=5e-3, grad_rtol=1e-2, grad_atol=1e-6,
 
 def _local_state(trainer) -> dict:
     """This rank's tensors by global name: params (+ shard metadata) and owned reduced grads."""
-    from megalite.checkpoint_format import named_global_params
+    from megalite.model import named_global_parameters
 
     params = {}
-    for name, p in named_global_params(trainer.model):
+    for name, p in named_global_parameters(trainer.model):
         params.setdefault(name, []).append({
             "value": p.detach().float().numpy().copy(),
             "partition_dim": getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else None,
@@ -82,9 +82,9 @@ def _local_state(trainer) -> dict:
 
 def _owned_grads(trainer) -> dict:
     """``name -> [(offset in the local tensor, values)]`` of the grads this rank's optimizer updates."""
-    from megalite.checkpoint_format import named_global_params
+    from megalite.model import named_global_parameters
 
-    names = {id(p): name for name, p in named_global_params(trainer.model)}
+    names = {id(p): name for name, p in named_global_parameters(trainer.model)}
     grads: dict[str, list] = {}
     for f in trainer.optimizer.fragments:
         offset = f.start - trainer.buffer.param_range[id(f.param)][0]
@@ -248,11 +248,11 @@ def inject_grad(trainer, rank, *, iteration: int | None, on_rank: int, value: fl
     every iteration when None); use with functools.partial as ``run_layout``'s ``inject``."""
     import torch
 
-    from megalite.checkpoint_format import named_global_params
+    from megalite.model import named_global_parameters
 
     if rank != on_rank:
         return
-    for global_name, p in named_global_params(trainer.model):
+    for global_name, p in named_global_parameters(trainer.model):
         if global_name == name:  # during the backward of iteration k, trainer.iteration is k - 1
             p.register_hook(lambda g: torch.full_like(g, value) if iteration in (None, trainer.iteration + 1) else g)
             return

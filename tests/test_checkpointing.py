@@ -198,3 +198,26 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
     assert 3 <= saved < 100000
     assert os.path.exists(os.path.join(save, f"iter_{saved:07d}", "manifest.json"))
+
+
+@pytest.mark.parametrize("problem", ["missing-data", "truncated-checkpoint"])
+def test_user_facing_errors_are_one_line_naming_the_file(tmp_path, problem):
+    """pretrain_gpt.py: one `megalite: error: ...` line naming the file, exit code 1, no traceback
+    (MEGALITE_DEBUG=1 shows it)."""
+    args = TINY + ["--train-iters", "2"]
+    if problem == "missing-data":
+        culprit = str(tmp_path / "corpus_text_document")
+        args = [a for a in args if a != "--mock-data"] + ["--data-path", culprit, "--tokenizer-type", "ByteTokenizer"]
+    else:
+        save = _save_once(tmp_path)
+        culprit = os.path.join(save, "iter_0000010", "model_tp00_pp00.pt")
+        open(culprit, "r+b").truncate(100)
+        args += ["--load", save]
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and len(errors) == 1, out.stderr[-2000:]
+    assert errors[0].startswith("megalite: error: ") and culprit in errors[0]
+    debug = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env={**os.environ, "MEGALITE_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -15,7 +15,7 @@ from equivalence import run_layout as train
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from megalite import hf_conversion as hc  # noqa: E402
+from megalite.checkpointing import convert as mc, hf as hc  # noqa: E402
 from tools.convert_checkpoint import main as convert  # noqa: E402
 
 VOCAB, SEQ = 100, 16
@@ -64,10 +64,11 @@ def _ids(seed=0, batch=2):
 
 def _megalite_run(rank, world, argv, ckpt, ids, m, names):
     """Load ``ckpt`` the way pretrain_gpt.py --finetune does, at the layout of ``argv``; return the
-    gathered logits (last stage) and any disagreement of hf_conversion's shard layout with the
+    gathered logits (last stage) and any disagreement of convert.shard_layout with the
     real parameters' attributes."""
     import torch.distributed as dist
-    from megalite.checkpoint_format import named_global_params, shard_meta
+    from megalite.checkpointing.format import shard_meta
+    from megalite.model import named_global_parameters
     from megalite.checkpointing import load_checkpoint
     from megalite.config import parse_args
     from megalite.parallel_state import ParallelState
@@ -81,14 +82,14 @@ def _megalite_run(rank, world, argv, ckpt, ids, m, names):
     load_checkpoint(trainer, ckpt, finetune=True, log=lambda msg: None)
     mismatches = []
     held = []
-    for name, p in named_global_params(trainer.model):
+    for name, p in named_global_parameters(trainer.model):
         held.append(name)
-        real, mine = shard_meta(p, ps.tp_rank, ps.tp_size), hc.shard_layout(name, m, VOCAB)
+        real, mine = shard_meta(p, ps.tp_rank, ps.tp_size), mc.shard_layout(name, m, VOCAB)
         if ps.tp_size == 1:
             mine["partition_dim"] = None
         if any(real[k] != mine[k] for k in mine):
             mismatches.append((name, real, mine))
-    if sorted(held) != sorted(hc.stage_names(names, m, ps.pp_size, ps.pp_rank)):
+    if sorted(held) != sorted(mc.stage_names(names, m, ps.pp_size, ps.pp_rank)):
         mismatches.append(("stage names", sorted(held), ps.pp_rank))
     chunk = trainer.model[0].eval()
     with torch.no_grad():
@@ -133,7 +134,7 @@ def test_hf_to_megalite_logits_equal_at_tp2_pp2_and_tp1(hf_dir, tmp_path):
     ids = _ids()
     ref = _hf_logits(path, ids)
     assert ref.std() > 0.5  # random weights of a real scale: a mis-mapped tensor would show
-    names = list(hc.read_megalite_checkpoint(tp2pp2)[0])
+    names = list(mc.read_megalite_checkpoint(tp2pp2)[0])
     # TP=2 x PP=2: the same layout as the checkpoint (each rank reads its own file)
     results = run_distributed(_megalite_run, 4, _flags(m, 2, 2), tp2pp2, ids, m, names, timeout=240)
     logits = [r[0] for r in results if r[0] is not None]
@@ -198,7 +199,7 @@ def test_trained_megalite_to_hf_gives_the_same_logits(tmp_path, arch, model_flag
     ref = _hf_logits(out, ids)
     # megalite's own logits: the trained checkpoint loaded by checkpointing.load_checkpoint at its TP=2
     m = result["model"]
-    names = list(hc.read_megalite_checkpoint(save)[0])
+    names = list(mc.read_megalite_checkpoint(save)[0])
     got = run_distributed(_megalite_run, 2, _flags(m, tp=2), save, ids, m, names, timeout=240)[0][0]
     diff = (got - ref).abs().max().item()
     print(f"{arch}: trained megalite vs transformers max abs logit diff {diff:.3e}")

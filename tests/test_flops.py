@@ -1,12 +1,12 @@
-"""megalite/flops.py against a hand count and against torch's FLOP counter on the real model."""
+"""megalite/planning/flops.py against a hand count and against torch's FLOP counter on the real model."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megalite.config import parse_args
-from megalite.flops import model_flops_per_iteration, num_floating_point_operations
 from megalite.model.gpt import GPTModel
 from megalite.parallel_state import ParallelState
+from megalite.planning import model_flops_per_iteration, num_floating_point_operations
 from megalite.tensor_parallel import model_parallel_seed
 
 B, S, VOCAB = 2, 32, 200

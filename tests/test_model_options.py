@@ -67,7 +67,8 @@ def test_gqa_needs_num_query_groups_and_divisibility():
 def test_gqa_shares_keys_within_a_group():
     """With one KV group every head attends with the same K/V: equal to repeating them."""
     from megalite.config import ModelConfig, validate, Config
-    from megalite.model.transformer import Attention, ParallelContext, sdpa_attention
+    from megalite.model.core_attention import sdpa_attention
+    from megalite.model.transformer import Attention, ParallelContext
     from megalite.parallel_state import single_process_state
 
     cfg = Config(model=ModelConfig(hidden_size=32, num_attention_heads=4, group_query_attention=True,
@@ -157,15 +158,13 @@ def test_backends_import_lazily_and_default_to_torch(monkeypatch):
     _hide(monkeypatch, "flash_attn", "transformer_engine", "apex")
     from megalite.config import parse_args
     from megalite.model import backends
-    from megalite.model.transformer import sdpa_attention
+    from megalite.model.core_attention import core_attention_fn, sdpa_attention
 
     cfg = parse_args(TINY)
     assert cfg.model.transformer_impl == "local" and not cfg.model.use_flash_attn
-    chosen = backends.resolve(cfg.model, torch.device("cpu"))
-    assert (chosen.attention, chosen.norm, chosen.adam) == ("torch", "torch", "torch")
-    assert backends.core_attention_fn(cfg.model, torch.device("cpu")) is sdpa_attention
+    assert backends.resolve(cfg.model, torch.device("cpu")) == backends.Backends("torch", "torch")
+    assert core_attention_fn(cfg.model, torch.device("cpu")) is sdpa_attention
     assert backends.norm_class(cfg.model, torch.device("cpu")) is torch.nn.LayerNorm
-    assert backends.adam_class(torch.device("cpu")) is torch.optim.AdamW
 
 
 @pytest.mark.parametrize("flags,package,flag", [
@@ -173,12 +172,15 @@ def test_backends_import_lazily_and_default_to_torch(monkeypatch):
     (["--transformer-impl", "transformer_engine"], "transformer-engine", "--transformer-impl transformer_engine"),
 ])
 def test_missing_backend_is_one_clear_message(monkeypatch, capsys, flags, package, flag):
+    """pretrain_gpt.py checks the optional packages right after parsing the flags."""
     _hide(monkeypatch, "flash_attn", "transformer_engine")
-    from megalite.config import parse_args
+    import pretrain_gpt
     from megalite.model import backends
 
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as exc:
-        parse_args(TINY + flags)
+        pretrain_gpt.main(TINY + flags)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0] and f"pip install {package}" in err[0]
@@ -201,27 +203,26 @@ def test_backend_on_cpu_is_a_clear_error_even_when_installed(monkeypatch):
 
 
 def test_flash_attention_falls_back_to_sdpa_for_fp32_cpu_tensors():
-    from megalite.model import backends
-    from megalite.model.transformer import sdpa_attention
+    from megalite.model.core_attention import flash_attention, sdpa_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(6, 2, 4, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
-    torch.testing.assert_close(backends.flash_attention(q, k, v, 0.0, None), sdpa_attention(q, k, v, 0.0, None))
+    torch.testing.assert_close(flash_attention(q, k, v, 0.0, None), sdpa_attention(q, k, v, 0.0, None))
 
 
 def test_apex_is_auto_detected_only_with_cuda(monkeypatch):
     from megalite.config import ModelConfig
     from megalite.model import backends
 
-    built = {"apex", backends.APEX_NORM_EXT, backends.APEX_ADAM_EXT}
+    built = {"apex", backends.APEX_NORM_EXT}
     monkeypatch.setattr(backends, "is_installed", lambda module: module in built)
-    assert backends.resolve(ModelConfig(), torch.device("cpu")) == backends.Backends("torch", "torch", "torch")
-    assert backends.resolve(ModelConfig(), torch.device("cuda", 0)) == backends.Backends("torch", "apex", "apex")
+    assert backends.resolve(ModelConfig(), torch.device("cpu")) == backends.Backends("torch", "torch")
+    assert backends.resolve(ModelConfig(), torch.device("cuda", 0)) == backends.Backends("torch", "apex")
     te = ModelConfig(transformer_impl="transformer_engine")
     with pytest.raises(backends.BackendUnavailable, match="pip install transformer-engine"):
         backends.resolve(te, torch.device("cuda", 0))
     built = {"apex"}  # python-only apex build: no fused kernels, so not used
-    assert backends.resolve(ModelConfig(), torch.device("cuda", 0)) == backends.Backends("torch", "torch", "torch")
+    assert backends.resolve(ModelConfig(), torch.device("cuda", 0)) == backends.Backends("torch", "torch")
 
 
 # -- GPU paths (skipped without CUDA) ------------------------------------------------------
@@ -232,12 +233,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @needs_cuda
 def test_flash_attention_matches_sdpa_on_gpu():
     pytest.importorskip("flash_attn")
-    from megalite.model import backends
-    from megalite.model.transformer import sdpa_attention
+    from megalite.model.core_attention import flash_attention, sdpa_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(64, 2, n, 64, device="cuda", dtype=torch.bfloat16) for n in (8, 2, 2))
-    torch.testing.assert_close(backends.flash_attention(q, k, v, 0.0, None), sdpa_attention(q, k, v, 0.0, None),
+    torch.testing.assert_close(flash_attention(q, k, v, 0.0, None), sdpa_attention(q, k, v, 0.0, None),
                                rtol=2e-2, atol=2e-2)
 
 
@@ -253,21 +253,3 @@ def test_transformer_engine_norm_matches_torch_on_gpu():
     ref = torch.nn.RMSNorm(64, eps=1e-5).cuda()
     x = torch.randn(16, 2, 64, device="cuda")
     torch.testing.assert_close(te_norm(x), ref(x), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_apex_fused_adam_matches_torch_on_gpu():
-    pytest.importorskip("apex")
-    from megalite.model import backends
-
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(32, device="cuda"))
-    b = torch.nn.Parameter(a.detach().clone())
-    opt_a = backends.adam_class(torch.device("cuda"))([a], lr=1e-2, weight_decay=0.1)
-    opt_b = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
-    for _ in range(3):
-        for p, opt in ((a, opt_a), (b, opt_b)):
-            p.grad = torch.ones_like(p)
-            opt.step()
-    torch.testing.assert_close(a, b)

@@ -10,10 +10,10 @@ import types
 import pytest
 import torch
 
-from megalite import monitoring
+from megalite.training import monitoring
 from megalite.config import parse_args
 from megalite.data.build import build_datasets
-from megalite.flops import model_flops_per_iteration
+from megalite.planning import model_flops_per_iteration
 from megalite.parallel_state import ParallelState, coordinates
 from megalite.training import pretrain
 from equivalence import TINY, run_layout as train
@@ -127,10 +127,17 @@ def test_wandb_run_offline_without_api_key(monkeypatch, tmp_path, api_key, mode)
     assert fake.run.finished
 
 
+def _start(argv, monkeypatch):
+    import pretrain_gpt
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return pretrain_gpt.main(argv)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_missing_wandb_fails_at_startup_with_one_clear_message(capsys):
+def test_missing_wandb_fails_at_startup_with_one_clear_message(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
-        parse_args(TINY + ["--wandb-project", "p"])
+        _start(TINY + ["--wandb-project", "p"], monkeypatch)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--wandb-project" in err[0] and "pip install wandb" in err[0]
@@ -138,8 +145,8 @@ def test_missing_wandb_fails_at_startup_with_one_clear_message(capsys):
 
 def test_monitoring_flag_errors(monkeypatch, capsys):
     monkeypatch.setattr(monitoring, "_installed", lambda module: module != "tensorboard")
-    with pytest.raises(SystemExit):
-        parse_args(TINY + ["--tensorboard-dir", "x"])
+    with pytest.raises(SystemExit):  # a missing package: checked by the entry point, before any work
+        _start(TINY + ["--tensorboard-dir", "x"], monkeypatch)
     assert "--tensorboard-dir needs the tensorboard package" in capsys.readouterr().err
     monkeypatch.setattr(monitoring, "_installed", lambda module: True)
     with pytest.raises(SystemExit):
@@ -186,10 +193,7 @@ def test_rank_table_matches_layout():
 
 
 def test_pretrain_gpt_prints_the_rank_table(capsys, monkeypatch):
-    import pretrain_gpt
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    pretrain_gpt.main(TINY + ["--train-iters", "1"])
+    assert _start(TINY + ["--train-iters", "1"], monkeypatch) == 0
     out = capsys.readouterr().out
     assert " rank | tp | pp | dp | cp | layers\n    0 |  0 |  0 |  0 |  0 | 0-3 + embedding, output layer\n" in out
     assert re.search(r" tokens per second: [0-9.]+ \| tokens per second per GPU: [0-9.]+ \| ETA: 0:00:00 \|", out)

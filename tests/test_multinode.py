@@ -150,7 +150,7 @@ def serial_run(tmp_path_factory):
 
 def _weights(save: str) -> dict:
     """The final weights of a run by global name, as numpy arrays."""
-    from megalite.hf_conversion import read_megalite_checkpoint
+    from megalite.checkpointing.convert import read_megalite_checkpoint
     return {name: t.float().numpy() for name, t in read_megalite_checkpoint(save)[0].items()}
 
 

@@ -79,6 +79,9 @@ def _check_state(rank, world):
         mine = [g for g in expected[name] if rank in g][0]
         assert ps.group_ranks[name] == mine, name
         assert dist.get_world_size(ps.groups[name]) == len(mine)
+    # position_embedding: ranks kept (the contract's layout), but no process group is created.
+    assert ps.group_ranks["position_embedding"] == ([rank] if rank < 4 else [])
+    assert "position_embedding" not in ps.groups
     assert ps.is_pipeline_first_stage() == (rank < 4)
     assert ps.is_pipeline_last_stage() == (rank >= 4)
     assert not ps.is_pipeline_last_stage(vp_rank=0)

@@ -241,7 +241,7 @@ def test_torchrun_ranks_with_different_layouts_fail_instead_of_hanging(tmp_path)
     script = tmp_path / "launch.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {ROOT!r})\nimport pretrain_gpt\n"
                       "extra = ['--tensor-model-parallel-size', '2'] if os.environ['RANK'] == '1' else []\n"
-                      "pretrain_gpt.main(sys.argv[1:] + extra)\n")
+                      "sys.exit(pretrain_gpt.main(sys.argv[1:] + extra))\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            *TINY, "--train-iters", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
@@ -424,7 +424,7 @@ def test_prebuilt_index_cache_is_loaded_by_training_and_other_settings_are_named
 
 # == 8. MFU ===================================================================================
 def test_unknown_gpu_prints_no_mfu_and_peak_tflops_overrides(monkeypatch):
-    from megalite import monitoring
+    from megalite.training import monitoring
     from megalite.config import parse_args
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
@@ -476,7 +476,7 @@ def test_conversion_verify_catches_a_wrong_layout(tmp_path, monkeypatch, capsys)
     """--verify is a real check: the correct GQA layout passes, K and V swapped in the fused
     QKV (the classic layout slip) fails the conversion instead of writing a silently wrong model."""
     pytest.importorskip("transformers")
-    from megalite import hf_conversion
+    from megalite.checkpointing import hf as hf_conversion
     from tools.convert_checkpoint import main as convert
 
     hf = _tiny_llama(str(tmp_path / "hf"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed_helper import run_distributed
-from megalite import planner
+from megalite import planning
 from megalite.config import parse_args
 from megalite.model import stage_layer_ranges
 from megalite.model.gpt import GPTModel
@@ -20,7 +20,7 @@ VOCAB = 200
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
         "--micro-batch-size", "2", "--mock-data", "--vocab-size", str(VOCAB), "--train-iters", "2",
         "--eval-interval", "0"]
-CPU = planner.Hardware(device="cpu")
+CPU = planning.Hardware(device="cpu")
 LLAMA = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear",
          "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2"]
 
@@ -98,21 +98,21 @@ def test_parameters_per_stage_are_exact(extra, world):
     cfg = parse_args(TINY + extra, world_size=world)
     for rank in range(cfg.parallel.pipeline_model_parallel_size):
         chunks = build_stage(cfg, rank)
-        predicted = planner.stage_params(cfg, VOCAB, rank)
+        predicted = planning.stage_params(cfg, VOCAB, rank)
         assert predicted["total"] == sum(p.numel() for c in chunks for p in c.parameters()), f"stage {rank}"
         embedding = sum(c.word_embeddings.weight.numel() for c in chunks
                         if c.pre_process and hasattr(c, "word_embeddings"))
         assert predicted["embedding"] == embedding
     whole = GPTModel(cfg.model, ParallelState.from_sizes(), vocab_size=VOCAB)
-    assert planner.total_params(cfg, VOCAB) == sum(p.numel() for p in whole.parameters())
+    assert planning.total_params(cfg, VOCAB) == sum(p.numel() for p in whole.parameters())
 
 
 def test_gpt2_small_parameter_count():
     """GPT-2 124M: 124,439,808 parameters with the 50,257-token vocabulary, plus 47 padded rows."""
     cfg = parse_args(["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
                       "--seq-length", "1024", "--vocab-size", "50257"])
-    assert planner.padded_vocab(cfg, 50257) == 50304
-    assert planner.total_params(cfg, 50257) == 124_439_808 + 47 * 768
+    assert planning.padded_vocab(cfg, 50257) == 50304
+    assert planning.total_params(cfg, 50257) == 124_439_808 + 47 * 768
 
 
 def _trainer_step(cfg, pstate):
@@ -148,12 +148,12 @@ def _distributed_step(rank, world, argv):
 
 def _check_step(cfg, measured: dict, rel: float = 0.02):
     rank = measured["pp_rank"]
-    params = planner.stage_params(cfg, VOCAB, rank)["total"]
-    state = planner.state_bytes(params, cfg)
+    params = planning.stage_params(cfg, VOCAB, rank)["total"]
+    state = planning.state_bytes(params, cfg)
     assert measured["params"] == params
     for key in ("weights", "grads", "main_params", "optimizer"):
         assert measured[key] == state[key], f"stage {rank}: {key}"
-    predicted = planner.stage_activations(cfg, CPU, VOCAB, rank)["peak"]
+    predicted = planning.stage_activations(cfg, CPU, VOCAB, rank)["peak"]
     assert predicted == pytest.approx(measured["activation_peak"], rel=rel), f"stage {rank} activation peak"
 
 
@@ -174,7 +174,7 @@ def test_state_bytes_and_activation_peak_single_process(extra):
     _check_step(cfg, measured)
     bytes_per_param = (measured["weights"] + measured["grads"] + measured["main_params"]
                        + measured["optimizer"]) / measured["params"]
-    assert bytes_per_param == planner.bytes_per_param(cfg) == (18 if cfg.training.bf16 else 16)
+    assert bytes_per_param == planning.bytes_per_param(cfg) == (18 if cfg.training.bf16 else 16)
 
 
 def test_activations_per_microbatch_by_stage():
@@ -188,7 +188,7 @@ def test_activations_per_microbatch_by_stage():
             chunk.set_input_tensor(torch.randn(s, b, h, requires_grad=True))
         with SavedBytes(chunk.parameters()) as saved:
             output = chunk(tokens, labels=tokens if rank == 2 else None)
-        predicted = planner.stage_activations(cfg, CPU, VOCAB, rank)["per_microbatch"]
+        predicted = planning.stage_activations(cfg, CPU, VOCAB, rank)["per_microbatch"]
         assert predicted == pytest.approx(saved.current, rel=0.01), f"stage {rank}"
         del output
 
@@ -198,7 +198,7 @@ def test_pipeline_in_flight_microbatches_and_tied_copy():
     last stage 1 (plus its logits); the last stage holds the tied embedding copy."""
     argv = TINY + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4", "--micro-batch-size", "1"]
     cfg = parse_args(argv, world_size=2)
-    assert [planner.in_flight_microbatches(cfg, r) for r in (0, 1)] == [2, 1]
+    assert [planning.in_flight_microbatches(cfg, r) for r in (0, 1)] == [2, 1]
     results = run_distributed(_distributed_step, 2, argv, timeout=120)
     for measured in results:
         _check_step(cfg, measured)
@@ -221,22 +221,22 @@ def test_relation_to_korthikanti():
     paper's GPT layer, megalite keeps the paper's sbh(34/t) (SP) or sbh(10 + 24/t) (no SP)
     per layer, up to the norms' statistics and the attention's log-sum-exp; the paper's
     5as/h (materialised scores) is what selective recompute or fused attention removes."""
-    gpu = planner.Hardware(device="cuda")
+    gpu = planning.Hardware(device="cuda")
     for extra in (["--tensor-model-parallel-size", "1"], ["--tensor-model-parallel-size", "4"],
                   ["--tensor-model-parallel-size", "4", "--sequence-parallel"]):
         cfg = parse_args(["--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16",
                           "--seq-length", "2048", "--micro-batch-size", "1", "--bf16", "--hidden-dropout", "0.1",
                           "--attention-dropout", "0.1"] + extra, world_size=4)
-        ours = planner.layer_activation_bytes(cfg, gpu)
-        paper = planner.korthikanti_layer_bytes(cfg, recompute="selective")
+        ours = planning.layer_activation_bytes(cfg, gpu)
+        paper = planning.korthikanti_layer_bytes(cfg, recompute="selective")
         assert ours == pytest.approx(paper, rel=0.01)
         assert ours >= paper
         s, b, h, a, t = 2048, 1, 1024, 16, cfg.parallel.tensor_model_parallel_size
-        assert planner.korthikanti_layer_bytes(cfg) - paper == pytest.approx(5 * a * s * s * b / t)
+        assert planning.korthikanti_layer_bytes(cfg) - paper == pytest.approx(5 * a * s * s * b / t)
         full = parse_args(["--num-layers", "4", "--hidden-size", "1024", "--num-attention-heads", "16",
                            "--seq-length", "2048", "--micro-batch-size", "1", "--bf16",
                            "--recompute-granularity", "full", "--recompute-method", "uniform"] + extra, world_size=4)
-        assert planner.layer_activation_bytes(full, gpu) == planner.korthikanti_layer_bytes(full) \
+        assert planning.layer_activation_bytes(full, gpu) == planning.korthikanti_layer_bytes(full) \
             == 2 * s * b * h / (t if full.parallel.sequence_parallel else 1)
 
 
@@ -245,17 +245,17 @@ def test_search_ranks_fitting_layouts():
     argv = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "2048",
             "--micro-batch-size", "1", "--global-batch-size", "64", "--bf16", "--vocab-size", "50257"]
     cfg = parse_args(argv, world_size=8)
-    hw = planner.Hardware(device_memory_gb=16)
-    plans = planner.search(cfg, 50257, hw)
+    hw = planning.Hardware(device_memory_gb=16)
+    plans = planning.search(cfg, 50257, hw)
     assert plans and all(pl.fits for pl in plans)
     times = [pl.times["total"] for pl in plans]
     assert times == sorted(times)
     layouts = {(pl.cfg.parallel.tensor_model_parallel_size, pl.cfg.parallel.pipeline_model_parallel_size,
                 pl.cfg.parallel.use_distributed_optimizer, pl.cfg.model.recompute_granularity) for pl in plans}
     assert (1, 1, False, None) not in layouts  # 1.3B x 18 B/param = 24 GiB: DP alone cannot fit
-    everything = planner.search(cfg, 50257, hw, include_unfit=True)
+    everything = planning.search(cfg, 50257, hw, include_unfit=True)
     assert len(everything) > len(plans) and not everything[-1].fits
-    single = planner.plan(cfg, 50257, hw)
+    single = planning.plan(cfg, 50257, hw)
     assert single.stages[0]["state"]["total"] == pytest.approx(18 * single.total_params, rel=1e-9)
     assert not single.fits
     # The bubble and pipeline communication appear only with PP > 1.
@@ -280,3 +280,19 @@ def test_plan_cli(capsys):
                  "--world-size", "8", "--device-memory-gb", "16", "--search", "--top", "3"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 3
+
+
+def test_plan_cli_defaults_world_size_to_the_model_parallel_layout(capsys):
+    """Without --world-size a TP2 x PP2 layout plans on TP x PP x CP = 4 ranks (one replica,
+    DP 1), and says so in one line; an explicit --world-size prints no such line."""
+    from tools.plan import main
+    argv = TINY + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "world size not given" in line]
+    assert notes == ["world size not given (--world-size): using TP 2 x PP 2 x CP 1 = 4 ranks"]
+    assert "layout: world 4 = TP 2 x PP 2 x CP 1 x DP 1;" in out
+    assert main(argv + ["--world-size", "4"]) == 0
+    explicit = capsys.readouterr().out
+    assert "world size not given" not in explicit
+    assert explicit == out.replace(notes[0] + "\n", "")

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from megalite.training_log import format_iteration_line, format_validation_line
+from megalite.training.log_line import format_iteration_line, format_validation_line
 from tools import plot_loss
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,3 +66,12 @@ def test_errors(tmp_path, capsys):
     make_log(tmp_path / "a.log", [1.0, 0.5], {})
     with pytest.raises(SystemExit):
         plot_loss.main([str(tmp_path / "a.log"), "--labels", "a", "b"])
+
+
+def test_log_line_shows_small_throughput():
+    """A CPU's TFLOP/s (0.0012) must not print as 0.0; from 1 up one decimal, as Megatron."""
+    line = lambda tflops: format_iteration_line(1, 10, 8, 12.5, tflops, 1e-3, 8, 4.5, 1.0, 0.5, 0, 0)  # noqa: E731
+    assert "(TFLOP/s/GPU): 0.0012 |" in line(0.00123)
+    assert "(TFLOP/s/GPU): 0.40 |" in line(0.4)
+    assert "(TFLOP/s/GPU): 512.3 |" in line(512.34)
+    assert "(TFLOP/s/GPU): 0.0 |" in line(0.0)

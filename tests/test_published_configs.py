@@ -18,12 +18,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalite import planner  # noqa: E402
+from megalite import planning  # noqa: E402
 from megalite.config import parse_args  # noqa: E402
 
 V, S = 51200, 2048
-A100_80GB = planner.Hardware(device_memory_gb=80.0, peak_tflops=312.0, efficiency=0.5, intra_node_gbps=200.0,
-                             inter_node_gbps=25.0, gpus_per_node=8)
+A100_80GB = planning.Hardware(device_memory_gb=80.0, peak_tflops=312.0, efficiency=0.5, intra_node_gbps=200.0,
+                              inter_node_gbps=25.0, gpus_per_node=8)
 
 # Table 1: parameters (billions, as printed), heads, hidden, layers, TP, PP, GPUs, global batch,
 # achieved TFLOP/s per GPU, % of peak, aggregate PFLOP/s; then from run_table_1.sh: micro-batch
@@ -66,11 +66,11 @@ def config_for(row):
     return parse_args(argv, world_size=gpus)
 
 
-def plan_for(row) -> planner.Plan:
-    return planner.plan(config_for(row), V, A100_80GB)
+def plan_for(row) -> planning.Plan:
+    return planning.plan(config_for(row), V, A100_80GB)
 
 
-def predicted_tflops(pl: planner.Plan) -> float:
+def predicted_tflops(pl: planning.Plan) -> float:
     return pl.times["flops"] / pl.cfg.world_size / pl.times["total"] / 1e12
 
 

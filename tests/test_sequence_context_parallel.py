@@ -96,7 +96,7 @@ def _cp_attention(rank, world, q, k, v, grad_out):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_attention_forward_and_backward_match_full(world):
-    from megalite.model.transformer import sdpa_attention
+    from megalite.model.core_attention import sdpa_attention
 
     torch.manual_seed(0)
     s, b, n, g, d = 16, 2, 4, 2, 8

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megalite import hf_conversion as hc  # noqa: E402
+from megalite.checkpointing import convert as mc, hf as hc  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +103,7 @@ def hf_to_megalite(args) -> tuple[str, dict, int]:
     data = {"vocab_size": vocab}
     if os.path.isfile(os.path.join(args.load, "tokenizer.json")):  # so tools/generate.py finds it
         data.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.abspath(args.load))
-    path = hc.save_megalite_checkpoint(full, m, vocab, args.save, args.target_tensor_parallel_size,
+    path = mc.save_megalite_checkpoint(full, m, vocab, args.save, args.target_tensor_parallel_size,
                                        args.target_pipeline_model_parallel_size, args.iteration, data,
                                        source=os.path.abspath(args.load),
                                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
@@ -129,8 +129,8 @@ def _eod_of(common: dict):
 
 
 def megalite_to_hf(args) -> tuple[str, dict, int]:
-    full, common = hc.read_megalite_checkpoint(args.load)
-    m = dataclasses.asdict(hc.model_config_of(common))
+    full, common = mc.read_megalite_checkpoint(args.load)
+    m = dataclasses.asdict(mc.model_config_of(common))
     vocab = full["word_embeddings.weight"].shape[0]
     arch = hc.detect_megalite_arch(m) if args.model_type == "auto" else args.model_type
     dtype = DTYPES[args.dtype]
@@ -146,10 +146,10 @@ def megalite_to_hf(args) -> tuple[str, dict, int]:
 def verify(hf_dir: str, megalite_dir: str, tolerance: float, batch: int = 2, seq: int = 16) -> float:
     """Max abs difference of HF and megalite logits on random tokens; exits 1 above ``tolerance``."""
     from transformers import AutoModelForCausalLM
-    full, common = hc.read_megalite_checkpoint(megalite_dir)
-    model_cfg = hc.model_config_of(common)
+    full, common = mc.read_megalite_checkpoint(megalite_dir)
+    model_cfg = mc.model_config_of(common)
     vocab = full["word_embeddings.weight"].shape[0]
-    ours = hc.build_reference_model(model_cfg, vocab, full)
+    ours = mc.build_reference_model(model_cfg, vocab, full)
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     seq = min(seq, model_cfg.max_position_embeddings or seq)
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))

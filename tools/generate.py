@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megalite import hf_conversion as hc  # noqa: E402
+from megalite.checkpointing import convert as mc, hf as hc  # noqa: E402
 from megalite.config import Config, DataConfig  # noqa: E402
 from megalite.tensor_parallel import gather_from_tensor_parallel  # noqa: E402
 
@@ -55,12 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model(root: str, pstate, device=torch.device("cpu")):
     """``(model chunk in eval mode, vocab size, common.pt)`` of the latest checkpoint under ``root``."""
     from megalite.model import build_model
-    full, common = hc.read_megalite_checkpoint(root)
-    cfg = Config(model=hc.model_config_of(common), world_size=pstate.world_size)
+    full, common = mc.read_megalite_checkpoint(root)
+    cfg = Config(model=mc.model_config_of(common), world_size=pstate.world_size)
     cfg.parallel.tensor_model_parallel_size = pstate.tp_size
     vocab = full["word_embeddings.weight"].shape[0]
     chunks = build_model(cfg, pstate, vocab)
-    hc.load_full_into(chunks, full, pstate.tp_rank, pstate.tp_size)
+    mc.load_full_into(chunks, full, pstate.tp_rank, pstate.tp_size)
     return chunks[0].to(device).eval(), vocab, common
 
 

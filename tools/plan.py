@@ -8,7 +8,7 @@
     python tools/plan.py ... --world-size 64 --search       # rank the layouts that fit
 
 Model, parallel and training flags are pretrain_gpt.py's (megalite.config's parser); the
-numbers come from megalite/planner.py (see docs/performance.md, "Planner").
+numbers come from the megalite.planning package (see docs/performance.md, "Planner").
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megalite import planner  # noqa: E402
+from megalite import planning  # noqa: E402
 from megalite.config import SECTIONS, Config, build_parser, validate  # noqa: E402
 from megalite.data.build import BYTE_VOCAB_SIZE, MOCK_VOCAB_SIZE  # noqa: E402
 
@@ -30,8 +30,8 @@ def build_plan_parser() -> argparse.ArgumentParser:
     parser = build_parser()
     parser.description = "megalite planner: memory, communication and step time of a layout"
     g = parser.add_argument_group("planner")
-    g.add_argument("--world-size", "--nproc", dest="world_size", type=int, default=1,
-                   help="number of ranks (GPUs) in the job (default: 1)")
+    g.add_argument("--world-size", "--nproc", dest="world_size", type=int, default=None,
+                   help="number of ranks (GPUs) in the job (default: TP x PP x CP, i.e. no data parallelism)")
     g.add_argument("--device-memory-gb", type=float, default=80.0, help="memory per device in GiB (default: 80)")
     g.add_argument("--search", action="store_true", help="list the layouts that fit, fastest first")
     g.add_argument("--top", type=int, default=10, help="layouts listed by --search (default: 10)")
@@ -47,21 +47,33 @@ def build_plan_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv=None) -> tuple[Config, planner.Hardware, argparse.Namespace]:
+def parse(argv=None) -> tuple[Config, planning.Hardware, argparse.Namespace]:
     parser = build_plan_parser()
     ns = parser.parse_args(argv)
     values = vars(ns)
-    cfg = Config(world_size=ns.world_size, **{
+    world_size = default_world_size(ns) if ns.world_size is None else ns.world_size
+    cfg = Config(world_size=world_size, **{
         section: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for section, cls in SECTIONS.items()})
     try:
         validate(cfg)
     except ValueError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    hw = planner.Hardware(device_memory_gb=ns.device_memory_gb, peak_tflops=cfg.logging.peak_tflops or 989.0,
-                          efficiency=ns.efficiency, intra_node_gbps=ns.intra_node_bandwidth,
-                          inter_node_gbps=ns.inter_node_bandwidth, gpus_per_node=ns.gpus_per_node,
-                          device=ns.planner_device)
+    hw = planning.Hardware(device_memory_gb=ns.device_memory_gb, peak_tflops=cfg.logging.peak_tflops or 989.0,
+                           efficiency=ns.efficiency, intra_node_gbps=ns.intra_node_bandwidth,
+                           inter_node_gbps=ns.inter_node_bandwidth, gpus_per_node=ns.gpus_per_node,
+                           device=ns.planner_device)
     return cfg, hw, ns
+
+
+def default_world_size(ns: argparse.Namespace) -> int:
+    """Without --world-size: one model replica, TP x PP x CP ranks (no data parallelism)."""
+    return ns.tensor_model_parallel_size * ns.pipeline_model_parallel_size * ns.context_parallel_size
+
+
+def default_world_size_line(cfg: Config) -> str:
+    p, n = cfg.parallel, cfg.world_size
+    return (f"world size not given (--world-size): using TP {p.tensor_model_parallel_size} x "
+            f"PP {p.pipeline_model_parallel_size} x CP {p.context_parallel_size} = {n} rank{'s' if n > 1 else ''}")
 
 
 def vocab_size_of(cfg: Config) -> int:
@@ -81,7 +93,7 @@ def vocab_size_of(cfg: Config) -> int:
 
 
 def gib(x: float) -> str:
-    return f"{x / planner.GiB:.2f}"
+    return f"{x / planning.GiB:.2f}"
 
 
 def mib(x: float) -> str:
@@ -97,7 +109,7 @@ def human(x: float) -> str:
 
 def layout_line(cfg: Config) -> str:
     p, m, t = cfg.parallel, cfg.model, cfg.training
-    vpp = f" x VPP {planner._chunks(cfg)}" if planner._chunks(cfg) > 1 else ""
+    vpp = f" x VPP {planning.model_chunks(cfg)}" if planning.model_chunks(cfg) > 1 else ""
     dtype = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     recompute = m.recompute_granularity or "none"
     if recompute == "full":
@@ -109,7 +121,7 @@ def layout_line(cfg: Config) -> str:
             f"{cfg.num_microbatches} micro-batches of {t.micro_batch_size} per DP rank")
 
 
-def format_plan(pl: planner.Plan) -> str:
+def format_plan(pl: planning.Plan) -> str:
     cfg, m = pl.cfg, pl.cfg.model
     lines = [f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
              f"(query groups {m.num_query_groups}), ffn {m.ffn_hidden_size}{' SwiGLU' if m.swiglu else ''}, "
@@ -123,9 +135,9 @@ def format_plan(pl: planner.Plan) -> str:
         pr = st["params"]
         lines.append(f" {st['pp_rank']:5d} | {pr['embedding'] + pr['position_embedding']:13,d} | {pr['layers']:13,d}"
                      f" | {pr['final_norm'] + pr['output_layer']:19,d} | {pr['total']:13,d}")
-    small = pl.peak_memory < planner.GiB  # tiny (CPU) models: MiB
+    small = pl.peak_memory < planning.GiB  # tiny (CPU) models: MiB
     mem, unit = (mib, "MiB") if small else (gib, "GiB")
-    lines += ["", f"bytes per parameter: {planner.bytes_per_param(cfg):.2f} (Megatron's table; "
+    lines += ["", f"bytes per parameter: {planning.bytes_per_param(cfg):.2f} (Megatron's table; "
               "bf16: 2 param + 4 grad + (4 main + 8 Adam)/DP-if-distributed; fp32: 4 + 4 + 8/DP-if-distributed)",
               f"memory per rank ({unit}), device {gib(pl.device_memory)} GiB:",
               " stage | weights |   grads | main params | optimizer | activations (micro-batches) |   total | fits"]
@@ -160,7 +172,7 @@ def format_plan(pl: planner.Plan) -> str:
     return "\n".join(lines)
 
 
-def format_search(plans: list[planner.Plan], top: int) -> str:
+def format_search(plans: list[planning.Plan], top: int) -> str:
     if not plans:
         return "no layout fits: more devices, smaller micro-batches, or recompute are needed"
     rows = [" rank |  TP |  PP |  DP | dist opt | recompute | peak GiB | step ms | tokens/s",
@@ -180,13 +192,15 @@ def format_search(plans: list[planner.Plan], top: int) -> str:
 def main(argv=None) -> int:
     cfg, hw, ns = parse(argv)
     vocab = vocab_size_of(cfg)
+    if ns.world_size is None:
+        print(default_world_size_line(cfg))
     if ns.search:
-        plans = planner.search(cfg, vocab, hw)
+        plans = planning.search(cfg, vocab, hw)
         print(f"layouts of {cfg.world_size} ranks that fit in {hw.device_memory_gb:g} GiB, fastest first "
               f"(SP on with TP > 1; peak {hw.peak_tflops:g} TFLOP/s x efficiency {hw.efficiency:g}):")
         print(format_search(plans, ns.top))
         return 0 if plans else 1
-    print(format_plan(planner.plan(cfg, vocab, hw)))
+    print(format_plan(planning.plan(cfg, vocab, hw)))
     return 0
 
 

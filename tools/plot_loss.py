@@ -3,7 +3,7 @@
     python tools/plot_loss.py tp1.log tp2.log --labels "TP=1" "TP=2" --output loss.png
     python tools/plot_loss.py runs/tb_tp1 runs/tb_tp2 --output loss.png    # --tensorboard-dir's
 
-A log is read line by line: iteration lines (DESIGN.md section 5) give the training loss,
+A log is read line by line: iteration lines (docs/architecture.md, "Formats") give the training loss,
 ``validation loss at iteration N | lm loss value: X |`` lines the validation loss. A directory
 is read as TensorBoard events (scalars ``lm loss`` and ``lm loss validation``).
 """

@@ -3,7 +3,7 @@
 Used when training gets no data flag. Every ``.py`` file of the interpreter's stdlib (sorted
 paths; tests, site-packages and caches skipped; capped in total size) is one document, tokenized
 with :class:`~megalite.data.tokenizers.ByteTokenizer` plus an EOD token, and written once into a
-cached ``.bin/.idx`` pair (DESIGN.md section 6) that later runs reuse.
+cached ``.bin/.idx`` pair (docs/data.md) that later runs reuse.
 """
 from __future__ import annotations
 

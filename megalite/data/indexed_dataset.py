@@ -1,6 +1,6 @@
 """Megatron-Core compatible ``.bin/.idx`` token files: reader, builder and streaming merge.
 
-Format (DESIGN.md section 6, identical to Megatron-Core's ``IndexedDataset``):
+Format (docs/data.md; identical to Megatron-Core's ``IndexedDataset``):
 
 ``.idx``::
 

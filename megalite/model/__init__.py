@@ -1,6 +1,8 @@
 """GPT model: transformer blocks built from tensor-parallel layers, split into pipeline stages."""
 from __future__ import annotations
 
+import re
+
 from ..config import Config
 from ..parallel_state import ParallelState
 from ..tensor_parallel.random import RNGStatesTracker
@@ -27,6 +29,26 @@ def stage_layer_ranges(num_layers: int, pp_size: int, pp_rank: int,
     return [((v * pp_size + pp_rank) * size, (v * pp_size + pp_rank + 1) * size) for v in range(chunks)]
 
 
+LAYER_RE = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+def global_name(chunk, local_name: str) -> str:
+    """``layers.3.mlp.fc1.weight`` of a chunk starting at layer 4 -> ``layers.7.mlp.fc1.weight``:
+    parameter names in the whole model, the same at every TP / PP / VPP layout."""
+    m = LAYER_RE.match(local_name)
+    if m:
+        return f"layers.{chunk.layer_start + int(m.group(1))}.{m.group(2)}"
+    return local_name
+
+
+def named_global_parameters(model_chunks):
+    """``(global name, param)`` of every parameter of this rank's chunks. The last stage's copy
+    of a tied embedding is included, under the same name as the first stage's."""
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            yield global_name(chunk, name), p
+
+
 def build_model(cfg: Config, pstate: ParallelState, vocab_size: int,
                 tracker: RNGStatesTracker | None = None) -> list[GPTModel]:
     """The model chunks this rank holds (one, or several with virtual pipeline stages)."""
@@ -43,4 +65,5 @@ def build_model(cfg: Config, pstate: ParallelState, vocab_size: int,
     return chunks
 
 
-__all__ = ["GPTModel", "TransformerLayer", "Attention", "MLP", "build_model", "stage_layer_ranges"]
+__all__ = ["GPTModel", "TransformerLayer", "Attention", "MLP", "build_model", "stage_layer_ranges", "global_name",
+           "named_global_parameters"]

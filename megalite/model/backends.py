@@ -1,4 +1,4 @@
-"""Optional fused backends, chosen by flag (and, for apex, by auto-detection), imported lazily.
+"""Optional fused backends: which ones are installed, usable and chosen; imported lazily.
 
 =====================  ==================================  =======================  =====================
 backend                chosen by                           replaces                 pip package
@@ -6,7 +6,7 @@ backend                chosen by                           replaces             
 FlashAttention         ``--use-flash-attn``                core attention (SDPA)    ``flash-attn``
 Transformer Engine     ``--transformer-impl                norms, core attention    ``transformer-engine``
                        transformer_engine``
-apex                   auto: installed and CUDA present    LayerNorm/RMSNorm, AdamW ``apex``
+apex                   auto: installed and CUDA present    LayerNorm/RMSNorm        ``apex``
 =====================  ==================================  =======================  =====================
 
 Nothing here imports an optional package at module import time. A backend asked for by flag
@@ -14,6 +14,10 @@ but not installed is reported by :func:`missing_backends` (config validation: on
 the flag and the pip package) or :func:`require` (raises :class:`BackendUnavailable`).
 The torch implementations are the reference and the fallback: FlashAttention only runs on
 CUDA fp16/bf16 tensors and falls back to SDPA otherwise.
+
+This module decides *which* implementation each component uses (:func:`resolve`) and builds
+the norms (:func:`norm_class`); the attention implementations live in :mod:`.core_attention`,
+which imports this module (never the reverse). The optimizer is always torch's AdamW.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ PACKAGES = {
     "apex": ("apex fused kernels (auto-detected)", "NVIDIA apex",
              "build github.com/NVIDIA/apex with --cpp_ext --cuda_ext (PyPI's 'apex' is another project)"),
 }
-# Compiled extensions whose presence makes apex's fused norms / Adam usable.
-APEX_NORM_EXT, APEX_ADAM_EXT = "fused_layer_norm_cuda", "amp_C"
+# Compiled extension whose presence makes apex's fused norms usable (a python-only build lacks it).
+APEX_NORM_EXT = "fused_layer_norm_cuda"
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,9 +82,10 @@ def _no_cuda_message(module: str) -> str:
 
 @dataclass(frozen=True)
 class Backends:
+    """The implementation chosen for each swappable component."""
+
     attention: str  # torch | flash | transformer_engine
     norm: str       # torch | apex | transformer_engine
-    adam: str       # torch | apex
 
 
 def _cuda(device: torch.device | None) -> bool:
@@ -105,11 +110,7 @@ def resolve(cfg, device: torch.device | None = None) -> Backends:
     apex_norm = cuda and is_installed("apex") and is_installed(APEX_NORM_EXT)
     attention = "flash" if cfg.use_flash_attn else "transformer_engine" if te else "torch"
     norm = "transformer_engine" if te else "apex" if apex_norm else "torch"
-    return Backends(attention, norm, "apex" if _apex_adam(device) else "torch")
-
-
-def _apex_adam(device) -> bool:
-    return _cuda(device) and is_installed("apex") and is_installed(APEX_ADAM_EXT)
+    return Backends(attention, norm)
 
 
 # -- norms -------------------------------------------------------------------------------
@@ -124,54 +125,3 @@ def norm_class(cfg, device: torch.device | None = None):
         normalization = require("apex.normalization")
         return normalization.FusedRMSNorm if rms else normalization.FusedLayerNorm
     return torch.nn.RMSNorm if rms else torch.nn.LayerNorm
-
-
-# -- optimizer ---------------------------------------------------------------------------
-def adam_class(device: torch.device | None = None):
-    """apex's FusedAdam (decoupled weight decay, as AdamW) on CUDA when installed, else AdamW."""
-    if _apex_adam(device):
-        from functools import partial
-        return partial(require("apex.optimizers").FusedAdam, adam_w_mode=True)
-    return torch.optim.AdamW
-
-
-# -- core attention ----------------------------------------------------------------------
-def core_attention_fn(cfg, device: torch.device | None = None):
-    """``fn(q [s,b,n,d], k, v [s,b,g,d], dropout, ctx) -> [s, b, n*d]`` for the resolved backend."""
-    from .transformer import sdpa_attention
-    kind = resolve(cfg, device).attention
-    if kind == "flash":
-        return flash_attention
-    if kind == "transformer_engine":
-        return TransformerEngineAttention(cfg)
-    return sdpa_attention
-
-
-def flash_attention(q, k, v, dropout: float, ctx) -> torch.Tensor:
-    """FlashAttention (causal) on CUDA fp16/bf16 tensors; SDPA for anything else."""
-    from .transformer import sdpa_attention
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-        return sdpa_attention(q, k, v, dropout, ctx)
-    flash_attn_func = require("flash_attn").flash_attn_func
-    s, b = q.shape[:2]
-    q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [b, s, heads, d]; GQA handled natively
-    out = flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
-    return out.transpose(0, 1).reshape(s, b, -1)
-
-
-class TransformerEngineAttention:
-    """Transformer Engine's fused DotProductAttention in Megatron's ``sbhd`` layout."""
-
-    def __init__(self, cfg):
-        self.cfg, self.modules = cfg, {}
-
-    def __call__(self, q, k, v, dropout: float, ctx) -> torch.Tensor:
-        key = (q.shape[2], k.shape[2], dropout)
-        if key not in self.modules:
-            te = require("transformer_engine.pytorch")
-            self.modules[key] = te.DotProductAttention(
-                q.shape[2], q.shape[3], num_gqa_groups=k.shape[2], attention_dropout=dropout,
-                qkv_format="sbhd", attn_mask_type="causal")
-        s, b = q.shape[:2]
-        return self.modules[key](q, k, v).reshape(s, b, -1)
-

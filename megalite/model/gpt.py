@@ -61,7 +61,6 @@ class GPTModel(nn.Module):
                 self.word_embeddings = VocabParallelEmbedding(
                     vocab_size, cfg.hidden_size, tp_group=pstate.tp_group,
                     padded_vocab_size=self.padded_vocab_size, init_method=init)
-            self.word_embeddings.weight.is_embedding_or_output = True
             self.word_embeddings.weight.shared_embedding = not pre_process
         if pre_process and cfg.position_embedding_type == "learned_absolute":
             with seeded(seed + _POSITION_EMBEDDING_SEED):
@@ -81,7 +80,6 @@ class GPTModel(nn.Module):
                     self.output_layer = VocabParallelEmbedding(
                         vocab_size, cfg.hidden_size, tp_group=pstate.tp_group,
                         padded_vocab_size=self.padded_vocab_size, init_method=init)
-                self.output_layer.weight.is_embedding_or_output = True
 
     # -- pipeline plumbing ---------------------------------------------------------------
     def set_input_tensor(self, tensor: torch.Tensor | None) -> None:

@@ -22,13 +22,14 @@ from ..parallel_state import ParallelState
 from ..tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
                                init_method_normal, scaled_init_method_normal)
 from ..tensor_parallel.random import RNGStatesTracker
-from . import backends
+from .backends import norm_class
 from .context_parallel import context_parallel_attention
+from .core_attention import core_attention_fn
 
 
 def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
     """LayerNorm or RMSNorm; under SP its params get partial grads (``sequence_parallel``)."""
-    norm = backends.norm_class(cfg)(cfg.hidden_size, eps=cfg.norm_epsilon)
+    norm = norm_class(cfg)(cfg.hidden_size, eps=cfg.norm_epsilon)
     for p in norm.parameters():
         p.sequence_parallel = sequence_parallel
     return norm
@@ -90,9 +91,10 @@ class Attention(nn.Module):
         self.selective_recompute = cfg.recompute_granularity == "selective"
         # Context parallelism needs keys from other ranks: it has its own (torch) attention.
         self.core_attention = (context_parallel_attention if ctx.pstate.cp_size > 1
-                               else backends.core_attention_fn(cfg))
+                               else core_attention_fn(cfg))
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """``x [s, b, h]`` (a sequence shard under SP) -> attention output ``[s, b, h]``."""
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_groups, self.q_per_group + 2, self.head_dim)
@@ -113,15 +115,6 @@ class Attention(nn.Module):
             return self.core_attention(q, k, v, dropout, self.ctx)
 
 
-def sdpa_attention(q, k, v, dropout: float, ctx: ParallelContext) -> torch.Tensor:
-    """Causal attention of ``q [s, b, n, d]``, ``k, v [s, b, g, d]``; returns ``[s, b, n*d]``."""
-    s, b = q.shape[:2]
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                         enable_gqa=k.shape[1] != q.shape[1])
-    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-
-
 class MLP(nn.Module):
     """``fc2(act(fc1(x)))`` with fc1 column-parallel and fc2 row-parallel (GELU or SwiGLU)."""
 
@@ -139,6 +132,7 @@ class MLP(nn.Module):
                                      **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [s, b, h]`` -> ``[s, b, h]``; the intermediate activation is split over TP."""
         h = self.fc1(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
@@ -160,6 +154,7 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, ctx)
 
     def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
+        """One block on ``x [s, b, h]``; ``rotary`` is the (cos, sin) pair with RoPE, else None."""
         x = x + self._dropout(self.attention(self.norm_1(x), rotary))
         return x + self._dropout(self.mlp(self.norm_2(x)))
 

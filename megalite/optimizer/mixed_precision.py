@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.grad_buffer import GradBuffer
+from ..model import named_global_parameters
 from ..parallel_state import ParallelState
 from .clip_grads import norm_counted
 from .loss_scaler import LossScaler
@@ -28,11 +29,14 @@ from .loss_scaler import LossScaler
 
 @dataclass
 class Fragment:
-    """Elements ``[start, end)`` of the flat buffers; all inside ``param``."""
+    """Elements ``[start, end)`` of the flat buffers; all inside ``param`` (global name ``name``),
+    at ``offset`` from the param's first element."""
     param: torch.nn.Parameter
     start: int
     end: int
     main: torch.Tensor
+    name: str = ""
+    offset: int = 0
 
 
 def parameter_fragments(buffer: GradBuffer, dp_rank: int | None) -> list[tuple[torch.nn.Parameter, int, int]]:
@@ -70,13 +74,15 @@ class MixedPrecisionOptimizer:
         self.buffer, self.pstate, self.clip_grad, self.scaler = buffer, pstate, clip_grad, scaler
         self.distributed = distributed and pstate.dp_cp_size > 1
         decays = {id(p): uses_weight_decay(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()}
+        names = {id(p): name for name, p in named_global_parameters(model_chunks)}
         fp32_model = buffer.param_data.dtype == torch.float32
         self.fragments = []
         for p, start, end in parameter_fragments(buffer, pstate.dp_cp_rank if self.distributed else None):
             main = buffer.param_data[start:end]
             main = main if fp32_model else main.float()  # fp32 model: update the params in place
             main.grad = buffer.grad_data[start:end]
-            self.fragments.append(Fragment(p, start, end, main))
+            offset = start - buffer.param_range[id(p)][0]
+            self.fragments.append(Fragment(p, start, end, main, names[id(p)], offset))
         groups = [{"params": [f.main for f in self.fragments if decays[id(f.param)]], "weight_decay": weight_decay},
                   {"params": [f.main for f in self.fragments if not decays[id(f.param)]], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
@@ -157,13 +163,43 @@ class MixedPrecisionOptimizer:
         report["per_param"] = {k: v / model_numel for k, v in list(report.items())}
         return report
 
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "main": [f.main.detach().clone() for f in self.fragments] if self.copy_back else None}
+        """This rank's optimizer state by global parameter name: for each fragment it updates,
+        ``{"start", "end"}`` (element range within the param's local tensor, flattened) and its
+        fp32 ``main`` params and Adam moments; plus Adam's step count and the loss scaler."""
+        fragments = {}
+        for f in self.fragments:
+            adam = self.optimizer.state.get(f.main, {})
+            fragments[f.name] = {"start": f.offset, "end": f.offset + f.main.numel(), "main": f.main.detach().clone(),
+                                 **{k: adam[k].detach().clone() for k in self.MOMENTS if k in adam}}
+        return {"step": self.num_updates, "scaler": self.scaler.state_dict(), "fragments": fragments}
+
+    def fragment_ranges(self) -> dict[str, tuple[int, int]]:
+        """``global name -> (start, end)`` of the piece of each param this rank updates."""
+        return {f.name: (f.offset, f.offset + f.main.numel()) for f in self.fragments}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore :meth:`state_dict`'s layout; ``state["fragments"]`` must hold exactly this
+        rank's :meth:`fragment_ranges` (a checkpoint of another layout is cut to them first)."""
+        self.num_updates = state["step"]
         self.scaler.load_state_dict(state["scaler"])
-        if state.get("main") is not None:
-            for f, main in zip(self.fragments, state["main"]):
-                f.main.copy_(main)
+        for f in self.fragments:
+            piece = state["fragments"][f.name]
+            if (piece["start"], piece["end"]) != (f.offset, f.offset + f.main.numel()):
+                raise ValueError(f"optimizer state of {f.name}: elements [{piece['start']}, {piece['end']}) "
+                                 f"given, this rank updates [{f.offset}, {f.offset + f.main.numel()})")
+            with torch.no_grad():
+                f.main.copy_(piece["main"].reshape(-1))
+            self.optimizer.state[f.main] = {  # fused AdamW keeps "step" on the params' device
+                "step": torch.tensor(float(self.num_updates), device=f.main.device),
+                **{k: piece[k].reshape(-1).clone().to(f.main.device) for k in self.MOMENTS}}
+
+    def reload_main_params(self) -> None:
+        """Copy the model's params into the fp32 main params (after the params were loaded
+        without optimizer state); Adam starts afresh."""
+        self.optimizer.state.clear()
+        with torch.no_grad():
+            for f in self.fragments:
+                f.main.copy_(self.buffer.param_data[f.start:f.end])

@@ -73,21 +73,27 @@ class P2P:
 
     # Named one-way and two-way exchanges (the vocabulary of the schedules) ------------------
     def recv_forward(self, first_stage: bool):
+        """This stage's input activation from the previous stage (None on the first stage)."""
         return None if first_stage else self.communicate(recv_prev=True)[0]
 
     def send_forward(self, output: torch.Tensor, last_stage: bool) -> None:
+        """Send this stage's output to the next stage (nothing on the last stage)."""
         if not last_stage:
             self.communicate(send_next=output)
 
     def recv_backward(self, last_stage: bool):
+        """The grad of this stage's output from the next stage (None on the last stage)."""
         return None if last_stage else self.communicate(recv_next=True)[1]
 
     def send_backward(self, input_grad: torch.Tensor | None, first_stage: bool) -> None:
+        """Send the grad of this stage's input to the previous stage (nothing on the first)."""
         if not first_stage:
             self.communicate(send_prev=input_grad)
 
     def send_forward_recv_backward(self, output: torch.Tensor, last_stage: bool):
+        """:meth:`send_forward` and :meth:`recv_backward` in one batched exchange."""
         return None if last_stage else self.communicate(send_next=output, recv_next=True)[1]
 
     def send_backward_recv_forward(self, input_grad: torch.Tensor | None, first_stage: bool):
+        """:meth:`send_backward` and :meth:`recv_forward` in one batched exchange."""
         return None if first_stage else self.communicate(send_prev=input_grad, recv_prev=True)[0]

@@ -22,6 +22,7 @@ class Timeline:
         self.events: list[tuple[str, float, float]] = []
 
     def record(self, kind: str, start: float, end: float) -> None:
+        """Add one event; ``start``/``end`` are ``time.perf_counter()`` values."""
         self.events.append((kind, start - self.origin, end - self.origin))
 
     def save(self, path: str) -> None:

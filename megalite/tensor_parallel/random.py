@@ -47,10 +47,11 @@ class RNGStatesTracker:
         self.states[name] = _get_rng_state(self.device)
         _set_rng_state(saved, self.device)
 
-    def get_states(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A copy of every stream's state (uint8 tensors), for checkpoints."""
         return {name: state.clone() for name, state in self.states.items()}
 
-    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
         self.states = {name: state.clone() for name, state in states.items()}
 
     @contextlib.contextmanager
@@ -88,7 +89,7 @@ class _CheckpointFunction(torch.autograd.Function):
         ctx.function, ctx.tracker, ctx.device = function, tracker, device
         ctx.cpu_state = torch.get_rng_state()
         ctx.device_state = _get_rng_state(device) if device is not None and device.type == "cuda" else None
-        ctx.tracker_states = tracker.get_states() if tracker is not None else None
+        ctx.tracker_states = tracker.state_dict() if tracker is not None else None
         with torch.no_grad():
             outputs = function(*args)
         ctx.save_for_backward(*[a if torch.is_tensor(a) else None for a in args])
@@ -103,19 +104,19 @@ class _CheckpointFunction(torch.autograd.Function):
         # Recompute under the RNG states of the original forward, then put the current ones back.
         cpu_now = torch.get_rng_state()
         device_now = _get_rng_state(ctx.device) if ctx.device_state is not None else None
-        tracker_now = ctx.tracker.get_states() if ctx.tracker is not None else None
+        tracker_now = ctx.tracker.state_dict() if ctx.tracker is not None else None
         torch.set_rng_state(ctx.cpu_state)
         if ctx.device_state is not None:
             _set_rng_state(ctx.device_state, ctx.device)
         if ctx.tracker is not None:
-            ctx.tracker.set_states(ctx.tracker_states)
+            ctx.tracker.load_state_dict(ctx.tracker_states)
         with torch.enable_grad():
             outputs = ctx.function(*inputs)
         torch.set_rng_state(cpu_now)
         if device_now is not None:
             _set_rng_state(device_now, ctx.device)
         if tracker_now is not None:
-            ctx.tracker.set_states(tracker_now)
+            ctx.tracker.load_state_dict(tracker_now)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grads) if torch.is_tensor(o) and o.requires_grad]
         torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])

@@ -1,8 +1,9 @@
-"""Layout-independent checkpoint contents: global parameter names and TP shard (re)assembly.
+"""Layout-independent checkpoint contents: TP shard metadata and (re)assembly.
 
 A checkpoint stores, per (tp, pp) position, the *local* tensors of that position under their
-*global* names (``layers.{i}...`` with the layer's index in the whole model), each with the
-metadata needed to put it back into the full tensor:
+*global* names (``layers.{i}...`` with the layer's index in the whole model, see
+:func:`megalite.model.global_name`), each with the metadata needed to put it back into the
+full tensor:
 
     {"tensor": local shard, "partition_dim": d or None, "parts": P, "tp_rank": r, "tp_size": t,
      "real_rows": vocab (embeddings: rows beyond are padding, not stored in the full tensor)}
@@ -13,41 +14,7 @@ QKV rows grouped per key/value group ``[q_1..q_k, k, v]``, SwiGLU fc1 rows ``[ga
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-
 import torch
-
-LAYER_RE = re.compile(r"^layers\.(\d+)\.(.*)$")
-
-
-def global_name(chunk, local_name: str) -> str:
-    """``layers.3.mlp.fc1.weight`` of a chunk starting at layer 4 -> ``layers.7.mlp.fc1.weight``."""
-    m = LAYER_RE.match(local_name)
-    if m:
-        return f"layers.{chunk.layer_start + int(m.group(1))}.{m.group(2)}"
-    return local_name
-
-
-def local_name(chunk, name: str) -> str | None:
-    """Inverse of :func:`global_name`; None when the chunk does not hold that layer."""
-    m = LAYER_RE.match(name)
-    if not m:
-        return name
-    index = int(m.group(1))
-    if not chunk.layer_start <= index < chunk.layer_end:
-        return None
-    return f"layers.{index - chunk.layer_start}.{m.group(2)}"
-
-
-def named_global_params(model_chunks):
-    """``(global name, param)`` of every parameter this rank holds. The last stage's copy of a
-    tied embedding is included (so a same-layout load reads only its own file); it is identical
-    to the first stage's, and :func:`assemble` keeps one piece per TP rank."""
-    for chunk in model_chunks:
-        for name, p in chunk.named_parameters():
-            yield global_name(chunk, name), p
 
 
 def shard_meta(param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> dict:
@@ -88,41 +55,3 @@ def shard_for(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_si
         return full
     dim, parts = param.partition_dim, getattr(param, "parts", 1)
     return torch.cat([block.chunk(tp_size, dim=dim)[tp_rank] for block in full.chunk(parts, dim=dim)], dim=dim)
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory entry (rename, new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_file(obj, path: str) -> dict:
-    """torch.save + fsync; returns the manifest entry (size and sha256) of the file."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": os.path.getsize(path), "sha256": file_digest(path)}
-
-
-def verify_file(path: str, entry: dict) -> None:
-    """Raise a clear error when a checkpoint file is missing, truncated or corrupted."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file missing: {path}")
-    size = os.path.getsize(path)
-    if size != entry["bytes"]:
-        raise ValueError(f"checkpoint file {path} is truncated or changed: {size} bytes, expected {entry['bytes']}")
-    if file_digest(path) != entry["sha256"]:
-        raise ValueError(f"checkpoint file {path} is corrupted: sha256 does not match the manifest")

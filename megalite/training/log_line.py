@@ -11,7 +11,7 @@ def format_iteration_line(iteration: int, train_iters: int, consumed_samples: in
     return (f" iteration {iteration:8d}/{train_iters:8d} |"
             f" consumed samples: {consumed_samples:11d} |"
             f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
-            f" throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} |"
+            f" throughput per GPU (TFLOP/s/GPU): {_two_significant(tflops_per_gpu)} |"
             f" learning rate: {lr:.6E} |"
             f" global batch size: {global_batch_size:5d} |"
             f" lm loss: {lm_loss:.6E} |"
@@ -25,3 +25,11 @@ def format_validation_line(where: str, loss: float) -> str:
     """`` validation loss at iteration N | lm loss value: X | lm loss PPL: Y |``"""
     ppl = math.exp(min(20.0, loss))
     return f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+
+
+def _two_significant(value: float) -> str:
+    """One decimal from 1 up (as Megatron), else two significant digits, so that a CPU's small
+    figure (0.0012) does not print as 0.0."""
+    if not math.isfinite(value) or value == 0 or abs(value) >= 1:
+        return f"{value:.1f}"
+    return f"{value:.{1 - math.floor(math.log10(abs(value)))}f}"

@@ -3,14 +3,14 @@
 :class:`TrainingMonitor` is what the train loop talks to. On the logging rank (last pipeline
 stage, TP/DP/CP rank 0: the rank that prints the log line) it writes per-iteration scalars to
 ``--tensorboard-dir`` (TensorBoard event files) and to W&B (``--wandb-project``); elsewhere it
-writes nothing. It also formats the short progress line printed after the DESIGN.md log line::
+writes nothing. It also formats the short progress line printed after the log line::
 
      tokens per second: 40960.0 | tokens per second per GPU: 10240.0 | MFU: 41.3% | ETA: 0:12:05 |
 
 MFU appears only when the device's dense bf16 peak is known (:data:`PEAK_TFLOPS`, matched on
 ``torch.cuda.get_device_name``, or ``--peak-tflops``): on a CPU there is no MFU, rather than a
 wrong one. Both writers are optional packages imported lazily; a flag that asks for a missing
-one fails at start-up (config validation, :func:`missing_monitoring_backends`).
+one fails at start-up (``pretrain_gpt.py``, :func:`missing_monitoring_backends`).
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def _installed(module: str) -> bool:
 
 
 def missing_monitoring_backends(logging_cfg) -> list[str]:
-    """One message per monitoring flag whose package is not installed (for config validation)."""
+    """One message per monitoring flag whose package is not installed (checked at start-up by
+    ``pretrain_gpt.py``)."""
     errors = []
     if logging_cfg.tensorboard_dir and not _installed("tensorboard"):
         errors.append("--tensorboard-dir needs the tensorboard package, which is not installed: "
@@ -71,10 +72,6 @@ def missing_monitoring_backends(logging_cfg) -> list[str]:
     if logging_cfg.wandb_project and not _installed("wandb"):
         errors.append("--wandb-project needs Weights & Biases, which is not installed: "
                       "pip install wandb (or drop --wandb-project)")
-    if not logging_cfg.wandb_project and (logging_cfg.wandb_exp_name or logging_cfg.wandb_save_dir):
-        errors.append("--wandb-exp-name / --wandb-save-dir need --wandb-project")
-    if logging_cfg.peak_tflops is not None and logging_cfg.peak_tflops <= 0:
-        errors.append(f"--peak-tflops must be > 0, got {logging_cfg.peak_tflops}")
     return errors
 
 
@@ -229,8 +226,8 @@ def rank_table(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, num_layer
     Built from :func:`megalite.parallel_state.coordinates` and
     :func:`megalite.model.stage_layer_ranges`, the functions the run itself uses.
     """
-    from .model import stage_layer_ranges
-    from .parallel_state import coordinates
+    from ..model import stage_layer_ranges
+    from ..parallel_state import coordinates
     rows = [" rank | tp | pp | dp | cp | layers"]
     for rank in range(min(world_size, max_rows)):
         c = coordinates(rank, world_size, tp=tp, pp=pp, cp=cp)
