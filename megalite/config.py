@@ -114,6 +114,8 @@ class LoggingConfig:
     exit_interval: int | None = flag(None, "stop after an iteration divisible by this")
     exit_signal_handler: bool = flag(False, "on SIGTERM, save a checkpoint after the current iteration and exit")
     keep_last: int | None = flag(None, "keep only the newest K checkpoints under --save")
+    async_save: bool = flag(False, "write checkpoints in the background while training goes on (committed once "
+                                   "every rank's files are written; at most one save in flight)")
     finetune: bool = flag(False, "load only the model weights from --load; start at iteration 0")
     no_load_optim: bool = flag(False, "do not load the optimizer state from --load")
     no_load_rng: bool = flag(False, "do not load the RNG states from --load")

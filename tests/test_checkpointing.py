@@ -61,7 +61,9 @@ NODROP = TINY + ["--train-iters", "12", "--lr-decay-style", "linear"]  # RNG can
     (["--swiglu", "--lr", "0.03"], [TP, "2"], 2, [], 1, FP32),  # SwiGLU fc1 weight *and bias* are [gate_r; up_r]
     (["--num-layers", "8"], [PP, "2", VPP, "2"], 2, [TP, "2"], 2, FP32),  # virtual chunks -> TP
     (["--bf16"], [TP, "2"], 2, [PP, "2", "--use-distributed-optimizer"], 4, BF16),
-], ids=["tp2pp2-to-distopt", "distopt-to-tp2pp2", "swiglu-tp2-to-1", "vpp-to-tp2", "bf16-tp2-to-pp2-distopt"])
+    ([], ["--context-parallel-size", "2", "--use-distributed-optimizer"], 4, [TP, "2", PP, "2"], 4, FP32),
+], ids=["tp2pp2-to-distopt", "distopt-to-tp2pp2", "swiglu-tp2-to-1", "vpp-to-tp2", "bf16-tp2-to-pp2-distopt",
+        "cp2-dp2-distopt-to-tp2pp2"])
 def test_reshard_continues_like_the_original_layout(tmp_path, flags, src, src_world, dst, dst_world, tol):
     """Loaded == saved (every weight, bit for bit, at the new layout), then the run goes on as
     the uninterrupted run at the original layout: losses, grad norms and weights."""
@@ -95,16 +97,16 @@ def _load(save, extra=()):
 
 def test_truncated_and_corrupted_files_name_the_file(tmp_path):
     save = _save_once(tmp_path)
-    model_file = os.path.join(save, "iter_0000010", "model_tp00_pp00.pt")
+    model_file = os.path.join(save, "iter_0000010", "shard_00000.pt")  # rank 0's params and optimizer state
     data = open(model_file, "rb").read()
     open(model_file, "wb").write(data[:-100])
-    with pytest.raises(RuntimeError, match=r"model_tp00_pp00.pt is truncated"):
+    with pytest.raises(RuntimeError, match=r"shard_00000.pt is truncated"):
         _load(save)
     open(model_file, "wb").write(data[:-1] + bytes([data[-1] ^ 1]))
-    with pytest.raises(RuntimeError, match=r"model_tp00_pp00.pt is corrupted"):
+    with pytest.raises(RuntimeError, match=r"shard_00000.pt is corrupted"):
         _load(save)
     os.remove(model_file)
-    with pytest.raises(RuntimeError, match=r"checkpoint file missing: .*model_tp00_pp00.pt"):
+    with pytest.raises(RuntimeError, match=r"checkpoint file missing: .*shard_00000.pt"):
         _load(save)
 
 
@@ -113,7 +115,7 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path):
     # A crash in the middle of saving iteration 15: its temp dir exists, the tracker still says 10.
     partial = os.path.join(save, ".iter_0000015.tmp")
     os.makedirs(partial)
-    open(os.path.join(partial, "model_tp00_pp00.pt"), "wb").write(b"half a file")
+    open(os.path.join(partial, "shard_00000.pt"), "wb").write(b"half a file")
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "10"
     resumed = _load(save)
     assert len(resumed["loss"]) == 2  # iterations 11 and 12
@@ -210,7 +212,7 @@ def test_user_facing_errors_are_one_line_naming_the_file(tmp_path, problem):
         args = [a for a in args if a != "--mock-data"] + ["--data-path", culprit, "--tokenizer-type", "ByteTokenizer"]
     else:
         save = _save_once(tmp_path)
-        culprit = os.path.join(save, "iter_0000010", "model_tp00_pp00.pt")
+        culprit = os.path.join(save, "iter_0000010", "shard_00000.pt")
         open(culprit, "r+b").truncate(100)
         args += ["--load", save]
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *args]

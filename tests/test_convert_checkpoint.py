@@ -128,9 +128,9 @@ def test_hf_to_megalite_logits_equal_at_tp2_pp2_and_tp1(hf_dir, tmp_path):
     convert(["--direction", "hf-to-megalite", "--load", path, "--save", tp1])
     m = result["model"]
     assert m["openai_gelu"] == (arch == "gpt2") and m["norm_epsilon"] == 1e-5
-    assert sorted(os.listdir(os.path.join(tp2pp2, "iter_0000000"))) == [
-        "common.pt", "manifest.json", "model_tp00_pp00.pt", "model_tp00_pp01.pt", "model_tp01_pp00.pt",
-        "model_tp01_pp01.pt"]
+    assert sorted(os.listdir(os.path.join(tp2pp2, "iter_0000000"))) == [  # one shard per (tp, pp) position
+        "common.json", "index.json", "manifest.json", "shard_00000.pt", "shard_00001.pt", "shard_00002.pt",
+        "shard_00003.pt"]
     ids = _ids()
     ref = _hf_logits(path, ids)
     assert ref.std() > 0.5  # random weights of a real scale: a mis-mapped tensor would show

@@ -1,8 +1,9 @@
 """Model-only megalite checkpoints from and to *full* tensors, for the converters (no training model).
 
 :func:`read_megalite_checkpoint` reassembles the full tensors (TP=1, unpadded) of any layout's
-latest checkpoint; :func:`save_megalite_checkpoint` writes full tensors as a checkpoint of a
-chosen TP x PP, through the same directory protocol as training (:mod:`.store`).
+latest checkpoint (either format); :func:`save_megalite_checkpoint` writes full tensors as a
+sharded checkpoint of a chosen TP x PP, through the same directory protocol as training
+(:mod:`.store`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from ..config import Config, ModelConfig
 from ..model import named_global_parameters, stage_layer_ranges
 from ..tensor_parallel import pad_vocab_size
-from . import store
+from . import legacy, sharded, store
 from .format import assemble, shard_for
 
 
@@ -54,26 +55,32 @@ def stage_names(names, m: dict, pp: int, pp_rank: int) -> list[str]:
     return out
 
 
-def _position_file(full: dict, names: list[str], m: dict, vocab: int, padded: int, tp: int, tp_rank: int) -> dict:
-    """The ``model_tpXX_ppYY.pt`` contents of one (tp, pp) position: shards of ``names``."""
-    items = {}
+def _position_pieces(full: dict, names: list[str], m: dict, vocab: int, padded: int, tp: int, tp_rank: int,
+                     fname: str) -> tuple[dict, dict]:
+    """The tensors and index entries of one (tp, pp) position: the whole local shard of each of
+    ``names`` as one ``param`` piece."""
+    tensors, index = {}, {}
     for name in names:
         meta = shard_layout(name, m, vocab)
-        sharded = meta["partition_dim"] is not None and tp > 1
-        rows = (padded // tp if sharded else padded) if meta["real_rows"] else None
-        fake = types.SimpleNamespace(tensor_model_parallel=sharded, partition_dim=meta["partition_dim"],
+        sharded_ = meta["partition_dim"] is not None and tp > 1
+        rows = (padded // tp if sharded_ else padded) if meta["real_rows"] else None
+        fake = types.SimpleNamespace(tensor_model_parallel=sharded_, partition_dim=meta["partition_dim"],
                                      parts=meta["parts"], real_rows=meta["real_rows"],
                                      shape=(rows,) + tuple(full[name].shape[1:]))
-        items[name] = {"tensor": shard_for(full[name].float(), fake, tp_rank, tp).contiguous().clone(),
-                       "partition_dim": meta["partition_dim"] if sharded else None, "parts": meta["parts"],
-                       "tp_rank": tp_rank, "tp_size": tp, "real_rows": meta["real_rows"]}
-    return items
+        local = shard_for(full[name].float(), fake, tp_rank, tp).contiguous()
+        key = f"{name}:param:0"
+        tensors[key] = local.reshape(-1).clone()
+        index[name] = [{"file": fname, "key": key, "kind": "param", "start": 0, "end": local.numel(),
+                        "shape": list(local.shape), "partition_dim": meta["partition_dim"] if sharded_ else None,
+                        "parts": meta["parts"], "tp_rank": tp_rank, "tp_size": tp, "real_rows": meta["real_rows"]}]
+    return tensors, index
 
 
 def save_megalite_checkpoint(full: dict, m: dict, vocab: int, root: str, tp: int = 1, pp: int = 1,
                              iteration: int = 0, data: dict | None = None, source: str = "",
                              make_vocab_size_divisible_by: int = 128) -> str:
-    """Write ``full`` as a megalite checkpoint of layout TP x PP (no optimizer, no RNG states)."""
+    """Write ``full`` as a megalite checkpoint of layout TP x PP (no optimizer, no RNG states),
+    in the sharded format, one file per (tp, pp) position."""
     model_cfg = ModelConfig(**{**dataclasses.asdict(ModelConfig()), **m, "make_vocab_size_divisible_by":
                                make_vocab_size_divisible_by})
     cfg = Config(model=model_cfg, world_size=tp * pp)
@@ -83,30 +90,44 @@ def save_megalite_checkpoint(full: dict, m: dict, vocab: int, root: str, tp: int
     if os.path.exists(store.iteration_dir(root, iteration)):
         raise FileExistsError(f"{store.iteration_dir(root, iteration)} exists: convert into an empty --save directory")
     padded = pad_vocab_size(vocab, make_vocab_size_divisible_by, tp)
-    tmp, manifest = store.begin(root, iteration), {}
+    tmp, manifest, index = store.begin(root, iteration), {}, {}
     for pp_rank in range(pp):
         names = stage_names(full, m, pp, pp_rank)
+        if pp_rank == pp - 1 and pp > 1:  # the last stage's tied-embedding copy: the first stage's is stored
+            names = [n for n in names if n != "word_embeddings.weight"]
         for tp_rank in range(tp):
-            fname = f"model_tp{tp_rank:02d}_pp{pp_rank:02d}.pt"
-            manifest[fname] = store.save_file(_position_file(full, names, m, vocab, padded, tp, tp_rank),
-                                              os.path.join(tmp, fname))
-    common = {"iteration": iteration, "consumed_samples": 0, "consumed_valid_samples": 0,
+            fname = sharded.shard_file(pp_rank * tp + tp_rank)
+            tensors, position_index = _position_pieces(full, names, m, vocab, padded, tp, tp_rank, fname)
+            manifest[fname] = store.save_file({"tensors": tensors, "rng": None}, os.path.join(tmp, fname))
+            for name, entries in position_index.items():
+                index.setdefault(name, []).extend(entries)
+    common = {"format": sharded.FORMAT, "iteration": iteration, "consumed_samples": 0, "consumed_valid_samples": 0,
               "scheduler": {"num_steps": 0}, "scaler": None, "adam_step": 0, "skipped_iterations": 0,
-              "config": dataclasses.asdict(cfg), "converted_from": source,
+              "has_rng": False, "config": dataclasses.asdict(cfg), "converted_from": source,
               "layout": {"tp": tp, "pp": pp, "dp": 1, "cp": 1, "world": tp * pp, "chunks": 1,
                          "distributed_optimizer": False}}
-    manifest["common.pt"] = store.save_file(common, os.path.join(tmp, "common.pt"))
+    manifest["index.json"] = sharded.write_json(index, os.path.join(tmp, "index.json"))
+    manifest["common.json"] = sharded.write_json(common, os.path.join(tmp, "common.json"))
     return store.commit(root, iteration, tmp, manifest)
 
 
 def read_megalite_checkpoint(root: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(full tensors by global name, common.pt)`` of the latest checkpoint under ``root``,
-    whatever its TP/PP layout; every file is verified against the manifest first."""
+    """``(full tensors by global name, common state)`` of the latest checkpoint under ``root``,
+    whatever its TP/PP layout and format; every file is verified against the manifest and read
+    without running code from it."""
     latest = store.open_latest(root)
     if latest is None:
         raise FileNotFoundError(f"no megalite checkpoint in {root}: {os.path.join(root, store.TRACKER)} is missing")
     _, directory, manifest = latest
-    common = store.load_verified(directory, manifest, "common.pt")
+    if legacy.is_legacy(manifest):
+        return _read_legacy(directory, manifest)
+    reader = sharded.ShardReader(directory, manifest)
+    return ({name: reader.full(name) for name in reader.index},
+            store.load_json(directory, manifest, "common.json"))
+
+
+def _read_legacy(directory: str, manifest: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    common = legacy.common_state(directory, manifest)
     swiglu = common["config"]["model"].get("swiglu", False)
     pieces: dict[str, list[dict]] = {}
     for fname in sorted(k for k in manifest if k.startswith("model_")):

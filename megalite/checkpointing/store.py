@@ -10,13 +10,15 @@ Writing: :func:`begin` makes a fresh ``DIR/.iter_0000010.tmp``; files go there t
 :func:`save_file`; :func:`commit` writes the manifest, fsyncs, renames the directory into place
 and rewrites the tracker (temp + rename). A crash at any point leaves the previous checkpoint
 loadable. Reading: :func:`open_latest` finds the directory and its manifest, and
-:func:`load_verified` checks a file against the manifest before unpickling it.
+:func:`load_verified` checks a file against the manifest before unpickling it with
+``weights_only=True`` (no code from a checkpoint can run).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 import shutil
 
 import torch
@@ -142,10 +144,31 @@ def open_latest(root: str) -> tuple[int, str, dict] | None:
         return it, directory, json.load(f)
 
 
-def load_verified(directory: str, manifest: dict, name: str):
-    """The object in file ``name`` of a checkpoint, after checking it against the manifest."""
+def load_verified(directory: str, manifest: dict, name: str, mmap: bool = False, allow: tuple = ()):
+    """The object in file ``name`` of a checkpoint, after checking it against the manifest.
+
+    Unpickled with ``weights_only=True``: tensors, dicts, lists, tuples, strings and numbers
+    only (plus the ``allow``-listed classes), so a crafted file cannot run code; it is refused
+    with one error naming it."""
+    path = _verified_path(directory, manifest, name)
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(f"checkpoint file {path} holds more than tensors and plain data; refusing to load it "
+                         f"(nothing in it was run): {reason}") from None
+
+
+def load_json(directory: str, manifest: dict, name: str):
+    """A JSON file of a checkpoint, after checking it against the manifest."""
+    with open(_verified_path(directory, manifest, name)) as f:
+        return json.load(f)
+
+
+def _verified_path(directory: str, manifest: dict, name: str) -> str:
     if name not in manifest:
         raise FileNotFoundError(f"checkpoint {directory} has no {name} in its manifest")
     path = os.path.join(directory, name)
     verify_file(path, manifest[name])
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return path

@@ -168,17 +168,32 @@ class MixedPrecisionOptimizer:
     def state_dict(self) -> dict:
         """This rank's optimizer state by global parameter name: for each fragment it updates,
         ``{"start", "end"}`` (element range within the param's local tensor, flattened) and its
-        fp32 ``main`` params and Adam moments; plus Adam's step count and the loss scaler."""
+        fp32 ``main`` params and Adam moments; plus Adam's step count and the loss scaler.
+        The tensors are views of the live state: copy what must outlive the next step."""
         fragments = {}
         for f in self.fragments:
             adam = self.optimizer.state.get(f.main, {})
-            fragments[f.name] = {"start": f.offset, "end": f.offset + f.main.numel(), "main": f.main.detach().clone(),
-                                 **{k: adam[k].detach().clone() for k in self.MOMENTS if k in adam}}
+            fragments[f.name] = {"start": f.offset, "end": f.offset + f.main.numel(), "main": f.main.detach(),
+                                 **{k: adam[k].detach() for k in self.MOMENTS if k in adam}}
         return {"step": self.num_updates, "scaler": self.scaler.state_dict(), "fragments": fragments}
 
     def fragment_ranges(self) -> dict[str, tuple[int, int]]:
         """``global name -> (start, end)`` of the piece of each param this rank updates."""
         return {f.name: (f.offset, f.offset + f.main.numel()) for f in self.fragments}
+
+    def checkpoint_ranges(self) -> dict[str, tuple[int, int]]:
+        """``global name -> (start, end)`` of the piece of each param this rank writes to a
+        checkpoint: its fragments with the distributed optimizer; otherwise the same 1/DP
+        partition of the grad buffer (every DP rank holds all of the state, so they share the
+        writing)."""
+        if self.distributed or self.pstate.dp_cp_size == 1:
+            return self.fragment_ranges()
+        names = {id(f.param): f.name for f in self.fragments}
+        ranges = {}
+        for p, start, end in parameter_fragments(self.buffer, self.pstate.dp_cp_rank):
+            offset = self.buffer.param_range[id(p)][0]
+            ranges[names[id(p)]] = (start - offset, end - offset)
+        return ranges
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`'s layout; ``state["fragments"]`` must hold exactly this

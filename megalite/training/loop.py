@@ -14,8 +14,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..checkpointing import load_checkpoint, read_tracker, save_checkpoint
+from ..checkpointing import Checkpointer, load_checkpoint
 from ..config import Config
+from ..optimizer.nonfinite import NonFiniteGradientsError
 from ..parallel_state import ParallelState
 from .batches import BatchIterator
 from .log_line import format_iteration_line, format_validation_line
@@ -63,13 +64,34 @@ def train(trainer: Trainer, datasets) -> list[dict]:
     Raises :class:`~megalite.optimizer.nonfinite.NonFiniteGradientsError` after
     ``--max-consecutive-nan-iterations`` iterations in a row with non-finite grads; no
     checkpoint is written during such a streak."""
-    cfg, lg, t = trainer.cfg, trainer.cfg.logging, trainer.cfg.training
+    cfg, lg = trainer.cfg, trainer.cfg.logging
     _log_memory(trainer)
     if lg.load:
         load_checkpoint(trainer, lg.load, finetune=lg.finetune, load_optim=not lg.no_load_optim,
                         load_rng=not lg.no_load_rng, log=trainer.log)
     train_batches, valid_batches = _batch_iterators(trainer, datasets)
     stop = StopConditions(cfg, trainer.device)
+    checkpointer = (Checkpointer(lg.save, lg.keep_last, lg.async_save, trainer.log, trainer.device)
+                    if lg.save else None)
+    try:
+        history = _iterate(trainer, train_batches, valid_batches, stop, checkpointer)
+    except NonFiniteGradientsError:  # on every rank at once: a save still being written is committed
+        if checkpointer is not None:
+            checkpointer.finalize()
+        raise
+    if checkpointer is not None:
+        if trainer.iteration > 0 and checkpointer.saved_iteration != trainer.iteration:
+            _save_unless_nonfinite(trainer, checkpointer)
+        checkpointer.finalize()
+    if trainer.timeline is not None:
+        trainer.timeline.save(lg.timeline_file)
+    return history
+
+
+def _iterate(trainer: Trainer, train_batches: BatchIterator, valid_batches: BatchIterator | None,
+             stop: StopConditions, checkpointer: Checkpointer | None) -> list[dict]:
+    """Train up to ``--train-iters`` (or an exit decision); per-iteration stats."""
+    cfg, lg, t = trainer.cfg, trainer.cfg.logging, trainer.cfg.training
     monitor = TrainingMonitor(cfg, enabled=trainer.is_logging_rank, world_size=trainer.pstate.world_size,
                               flops_per_iteration=trainer.flops_per_iteration(),
                               model_flops_per_iteration=trainer.flops_per_iteration(include_recompute=False),
@@ -88,16 +110,14 @@ def train(trainer: Trainer, datasets) -> list[dict]:
             window.flush(it, stats)
         if valid_batches is not None and lg.eval_interval and it % lg.eval_interval == 0 and lg.eval_iters > 0:
             _validate(trainer, valid_batches, monitor)
+        if checkpointer is not None:
+            checkpointer.poll()  # commits an asynchronous save once every rank has written it
         decision = stop.poll(it)
-        if decision.save and lg.save:
-            _save_unless_nonfinite(trainer)
+        if decision.save and checkpointer is not None:
+            _save_unless_nonfinite(trainer, checkpointer)
         if decision.exit_reason:
             trainer.log(f"> exiting after iteration {it} ({decision.exit_reason})") if trainer.pstate.rank == 0 else None
             break
-    if lg.save and trainer.iteration > 0 and read_tracker(lg.save) != trainer.iteration:
-        _save_unless_nonfinite(trainer)
-    if trainer.timeline is not None:
-        trainer.timeline.save(lg.timeline_file)
     monitor.close()
     return history
 
@@ -157,10 +177,10 @@ def _validate(trainer: Trainer, batches: BatchIterator, monitor: TrainingMonitor
         monitor.validation(trainer.iteration, loss)
 
 
-def _save_unless_nonfinite(trainer: Trainer) -> None:
+def _save_unless_nonfinite(trainer: Trainer, checkpointer: Checkpointer) -> None:
     """Save a checkpoint, except during a streak of non-finite iterations (said in the log)."""
     if not trainer.nan_streak.active:
-        save_checkpoint(trainer, trainer.cfg.logging.save, trainer.cfg.logging.keep_last, log=trainer.log)
+        checkpointer.save(trainer)
     elif trainer.pstate.rank == 0:
         trainer.log(f"> iteration {trainer.iteration}: no checkpoint saved: the gradients have been non-finite "
                     f"since iteration {trainer.nan_streak.first_iteration}")
