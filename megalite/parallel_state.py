@@ -48,28 +48,52 @@ def rank_of(tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int,
     return tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank))
 
 
-def _groups_varying(sizes: dict[str, int], varying: tuple[str, ...]) -> list[list[int]]:
-    """All rank lists obtained by fixing every coordinate except those in ``varying``."""
-    fixed = [d for d in ("tp", "cp", "dp", "pp") if d not in varying]
+def _grid_groups(sizes: dict[str, int], order: tuple[str, ...], varying: tuple[str, ...]) -> list[list[int]]:
+    """All rank lists of a grid whose dims run ``order`` (fastest first), obtained by fixing
+    every coordinate except those in ``varying``."""
+    strides, stride = {}, 1
+    for d in order:
+        strides[d], stride = stride, stride * sizes[d]
+    fixed = [d for d in order if d not in varying]
     groups = []
     for fixed_coords in itertools.product(*(range(sizes[d]) for d in fixed)):
-        coords = dict(zip(fixed, fixed_coords))
-        ranks = []
-        for var_coords in itertools.product(*(range(sizes[d]) for d in varying)):
-            coords.update(zip(varying, var_coords))
-            ranks.append(rank_of(coords["tp"], coords["cp"], coords["dp"], coords["pp"],
-                                 sizes["tp"], sizes["cp"], sizes["dp"]))
-        groups.append(sorted(ranks))
+        base = sum(c * strides[d] for d, c in zip(fixed, fixed_coords))
+        groups.append(sorted(base + sum(c * strides[d] for d, c in zip(varying, var_coords))
+                             for var_coords in itertools.product(*(range(sizes[d]) for d in varying))))
     return sorted(groups)
 
 
-def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[str, list[list[int]]]:
+DENSE_ORDER = ("tp", "cp", "dp", "pp")   # Megatron-Core's tp-cp-ep-dp-pp with ep = 1
+EXPERT_ORDER = ("tp", "ep", "dp", "pp")  # its expert grid: tp-cp-ep-dp-pp with cp = 1 (tp = ETP, dp = EDP)
+
+
+def _groups_varying(sizes: dict[str, int], varying: tuple[str, ...]) -> list[list[int]]:
+    """Rank lists of the dense grid varying the ``varying`` dims."""
+    return _grid_groups(sizes, DENSE_ORDER, varying)
+
+
+def expert_data_parallel_size(world_size: int, pp: int, ep: int, etp: int) -> int:
+    """EDP = W / (ETP x EP x PP), or ValueError naming the sizes at fault."""
+    for name, value in (("ep", ep), ("etp", etp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if world_size % (etp * ep * pp):
+        raise ValueError(f"world size {world_size} is not divisible by expert-tensor-parallel size {etp} x "
+                         f"expert-model-parallel size {ep} x pipeline-parallel size {pp} (= {etp * ep * pp})")
+    return world_size // (etp * ep * pp)
+
+
+def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
+                etp: int | None = None) -> dict[str, list[list[int]]]:
     """Rank lists of every parallel group, identical to Megatron-Core's for the same layout.
 
     Returns a dict with keys ``tp pp dp cp dp_cp mp embedding position_embedding``, each a
     sorted list of sorted rank lists. ``dp`` excludes context parallelism, ``dp_cp`` includes
     it; ``mp`` is tp x pp for one (dp, cp) index; ``embedding`` holds the first and last stage
     of each pipeline (the single rank when pp == 1); ``position_embedding`` the first stage.
+    With expert parallelism (``ep`` > 1 or ``etp`` given) also ``ep etp tp_ep tp_ep_pp edp``:
+    Megatron-Core's second ("parallel folding") grid of ETP x EP x EDP x PP ranks (EDP = W /
+    (ETP EP PP)), whose pipeline groups are the dense ones.
 
     >>> rank_groups(8, tp=2, pp=2)["dp"]
     [[0, 2], [1, 3], [4, 6], [5, 7]]
@@ -77,7 +101,7 @@ def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[
     dp = _check_sizes(world_size, tp, pp, cp)
     sizes = {"tp": tp, "cp": cp, "dp": dp, "pp": pp}
     pp_groups = _groups_varying(sizes, ("pp",))
-    return {
+    groups = {
         "tp": _groups_varying(sizes, ("tp",)),
         "pp": pp_groups,
         "dp": _groups_varying(sizes, ("dp",)),
@@ -87,6 +111,13 @@ def rank_groups(world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[
         "embedding": sorted(sorted({g[0], g[-1]}) for g in pp_groups),
         "position_embedding": sorted([g[0]] for g in pp_groups),
     }
+    if ep > 1 or etp is not None:
+        etp = tp if etp is None else etp
+        expert = {"tp": etp, "ep": ep, "dp": expert_data_parallel_size(world_size, pp, ep, etp), "pp": pp}
+        for name, varying in (("ep", ("ep",)), ("etp", ("tp",)), ("tp_ep", ("tp", "ep")),
+                              ("tp_ep_pp", ("tp", "ep", "pp")), ("edp", ("dp",))):
+            groups[name] = _grid_groups(expert, EXPERT_ORDER, varying)
+    return groups
 
 
 def coordinates(rank: int, world_size: int, tp: int = 1, pp: int = 1, cp: int = 1) -> dict[str, int]:
@@ -94,6 +125,13 @@ def coordinates(rank: int, world_size: int, tp: int = 1, pp: int = 1, cp: int = 
     dp = _check_sizes(world_size, tp, pp, cp)
     return {"tp": rank % tp, "cp": (rank // tp) % cp, "dp": (rank // (tp * cp)) % dp,
             "pp": rank // (tp * cp * dp)}
+
+
+def expert_coordinates(rank: int, world_size: int, pp: int = 1, ep: int = 1, etp: int = 1) -> dict[str, int]:
+    """The (etp, ep, edp, pp) coordinates of ``rank`` in the expert grid."""
+    edp = expert_data_parallel_size(world_size, pp, ep, etp)
+    return {"etp": rank % etp, "ep": (rank // etp) % ep, "edp": (rank // (etp * ep)) % edp,
+            "pp": rank // (etp * ep * edp)}
 
 
 @dataclass

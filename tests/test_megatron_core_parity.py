@@ -301,3 +301,33 @@ def test_no_megatron_core_state_in_the_pytest_process():
     from megatron.core import parallel_state as mpu
 
     assert not mpu.model_parallel_is_initialized() and not dist.is_initialized()
+
+
+def test_expert_rank_groups_match_megatron_core():
+    """The expert grid ("parallel folding"): ETP x EP x EDP x PP in order tp-cp-ep-dp-pp with
+    cp = 1, as megatron-core's expert RankGenerator builds it, and its pipeline groups equal
+    the dense ones; for every (world <= 24, tp, pp, cp, ep, etp) that divides."""
+    _import_megatron_core()
+    from megatron.core.parallel_state import RankGenerator
+
+    from megalite.parallel_state import expert_coordinates, rank_groups
+
+    count = 0
+    for world, tp, pp, cp in _layouts(24):
+        for ep in range(1, world + 1):
+            for etp in range(1, world + 1):
+                if world % (ep * etp * pp):
+                    continue
+                ours = rank_groups(world, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp)
+                gen = RankGenerator(tp=etp, ep=ep, dp=world // (etp * ep * pp), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+                layout = f"world {world} tp {tp} pp {pp} cp {cp} ep {ep} etp {etp}"
+                for name, token in (("ep", "ep"), ("etp", "tp"), ("tp_ep", "tp-ep"), ("tp_ep_pp", "tp-ep-pp"),
+                                    ("edp", "dp")):
+                    assert ours[name] == _canonical(gen.get_ranks(token)), f"{layout}: {name}"
+                assert _canonical(gen.get_ranks("pp")) == ours["pp"], f"{layout}: expert pp groups"
+                for rank in range(world):
+                    c = expert_coordinates(rank, world, pp=pp, ep=ep, etp=etp)
+                    assert [g for g in ours["ep"] if rank in g][0].index(rank) == c["ep"], layout
+                    assert [g for g in ours["edp"] if rank in g][0].index(rank) == c["edp"], layout
+                count += 1
+    assert count > 500
