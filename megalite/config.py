@@ -57,8 +57,9 @@ class ParallelConfig:
     use_distributed_optimizer: bool = flag(False, "shard optimizer state over data-parallel ranks (ZeRO-1)")
     overlap_grad_reduce: bool = flag(False, "overlap the data-parallel grad reduction with backward")
     ddp_bucket_size: int | None = flag(None, "elements per grad-reduction bucket")
-    pipeline_schedule: str = flag("1f1b", "pipeline schedule (gpipe: all forwards, then all backwards)",
-                                  choices=["1f1b", "gpipe"])
+    pipeline_schedule: str = flag("1f1b", "pipeline schedule (gpipe: all forwards, then all backwards; "
+                                  "zb-h1: zero-bubble, backward split into input and weight grads)",
+                                  choices=["1f1b", "gpipe", "zb-h1"])
 
 
 @dataclass
@@ -284,6 +285,12 @@ def _check_parallel(cfg: Config) -> list[str]:
     if p.pipeline_schedule == "gpipe" and p.num_layers_per_virtual_pipeline_stage is not None:
         errors.append("--pipeline-schedule gpipe does not support --num-layers-per-virtual-pipeline-stage "
                       "(virtual stages use the interleaved 1F1B schedule)")
+    if p.pipeline_schedule == "zb-h1" and pp == 1:
+        errors.append("--pipeline-schedule zb-h1 needs --pipeline-model-parallel-size > 1 (it splits the "
+                      "backward to fill the pipeline bubble; with one stage there is none)")
+    if p.pipeline_schedule == "zb-h1" and p.num_layers_per_virtual_pipeline_stage is not None:
+        errors.append("--pipeline-schedule zb-h1 does not support --num-layers-per-virtual-pipeline-stage "
+                      "(no interleaved zero-bubble schedule: use zb-h1 or the interleaved 1F1B, not both)")
     if p.sequence_parallel and tp == 1:
         errors.append("--sequence-parallel requires --tensor-model-parallel-size > 1")
     if p.sequence_parallel and (m.seq_length // cp) % tp:

@@ -8,12 +8,19 @@ posted, so a schedule whose sends and receives are not paired in order deadlocks
 test fails after a timeout) just as it would over gloo. Fake chunks ``y = x * w`` tag every
 activation with (virtual stage, micro-batch), so a mis-routed tensor is caught on arrival, and
 their parameter grads are compared with a serial run of the same chain.
+
+The network also keeps a virtual clock per rank: a forward, an input-grad backward (B) and a
+weight-grad step (W) advance their rank's clock by their cost in units of work, a message is
+available from the time its send was posted, a send completes when its receive is posted, and
+a rank that waits moves its clock to that time. A rank's idle time is then the schedule's own
+bubble in units of work (communication free), whatever the threads and the machine do.
 """
 from __future__ import annotations
 
 import sys
 import threading
 from collections import defaultdict
+from unittest import mock
 
 import pytest
 import torch
@@ -22,45 +29,84 @@ from megalite.parallel_state import ParallelState
 from megalite.pipeline_parallel.interleaved import interleaved_one_f_one_b
 from megalite.pipeline_parallel.p2p import ACTIVATION_TAG, GRADIENT_TAG, P2P
 from megalite.pipeline_parallel.schedules import forward_backward_no_pipelining, gpipe, one_f_one_b
+from megalite.pipeline_parallel.zb_h1 import zb_h1
+from megalite.tensor_parallel.layers import ColumnParallelLinear
+from megalite.tensor_parallel.weight_grad import WeightGradStore
 
 TIMEOUT = 10.0
 
 
 class FakeNetwork:
-    """Rendezvous channels shared by the ranks' threads."""
+    """Rendezvous channels shared by the ranks' threads, and the ranks' virtual clocks."""
 
-    def __init__(self):
+    def __init__(self, costs: dict | None = None):
         self.cond = threading.Condition()
         self.sent = defaultdict(list)      # (src, dst, tag) -> payloads, in send order
-        self.recvs = defaultdict(int)      # (src, dst, tag) -> receives posted so far
+        self.sent_at = defaultdict(list)   # (src, dst, tag) -> the sender's clock at each send
+        self.recv_at = defaultdict(list)   # (src, dst, tag) -> the receiver's clock at each receive posted
+        self.costs = costs or {"F": 1.0, "B": 1.0, "W": 1.0}
+        self.clock = defaultdict(float)    # rank -> virtual time
+        self.busy = defaultdict(float)     # rank -> time spent computing
+
+    def work(self, rank, kind):
+        """Rank ``rank`` computes one ``kind`` step (F, B or W)."""
+        with self.cond:
+            self.clock[rank] += self.costs[kind]
+            self.busy[rank] += self.costs[kind]
+
+    def _post_send(self, rank, key, tensor) -> int:
+        self.sent[key].append(tensor.detach().clone())
+        self.sent_at[key].append(self.clock[rank])
+        return len(self.sent[key]) - 1
+
+    def _wait(self, rank, key, index, send: bool) -> None:
+        """Block until op ``index`` on channel ``key`` is matched (lock held); advance the clock."""
+        ready = (lambda: len(self.recv_at[key]) > index) if send else (lambda: len(self.sent[key]) > index)
+        if not self.cond.wait_for(ready, timeout=TIMEOUT):
+            raise TimeoutError(f"rank {rank}: deadlock (an op was never matched)")
+        other = self.recv_at[key][index] if send else self.sent_at[key][index]
+        self.clock[rank] = max(self.clock[rank], other)
 
     def communicate(self, rank, ps, send_next, recv_prev, send_prev, recv_next):
-        waits = []  # (predicate, slot) for every op of this call
+        waits = []  # (channel, index, result slot or None for a send) for every op of this call
         with self.cond:
             for tensor, peer, tag in ((send_next, ps.next_pp_rank, ACTIVATION_TAG),
                                       (send_prev, ps.prev_pp_rank, GRADIENT_TAG)):
                 if tensor is not None:
                     key = (rank, peer, tag)
-                    self.sent[key].append(tensor.detach().clone())
-                    index = len(self.sent[key]) - 1
-                    waits.append((lambda key=key, i=index: self.recvs[key] > i, None))
+                    waits.append((key, self._post_send(rank, key, tensor), None))
             for wanted, peer, tag, slot in ((recv_prev, ps.prev_pp_rank, ACTIVATION_TAG, 0),
                                             (recv_next, ps.next_pp_rank, GRADIENT_TAG, 1)):
                 if wanted:
                     key = (peer, rank, tag)
-                    index = self.recvs[key]
-                    self.recvs[key] += 1
-                    waits.append((lambda key=key, i=index: len(self.sent[key]) > i, (slot, key, index)))
+                    self.recv_at[key].append(self.clock[rank])
+                    waits.append((key, len(self.recv_at[key]) - 1, slot))
             self.cond.notify_all()
             result = [None, None]
-            for ready, slot in waits:
-                if not self.cond.wait_for(ready, timeout=TIMEOUT):
-                    raise TimeoutError(f"rank {rank}: deadlock (an op was never matched)")
+            for key, index, slot in waits:
+                self._wait(rank, key, index, send=slot is None)
                 if slot is not None:
-                    result[slot[0]] = self.sent[slot[1]][slot[2]].clone()
+                    result[slot] = self.sent[key][index].clone()
         if result[0] is not None:
             result[0].requires_grad_(True)
         return tuple(result)
+
+    def isend(self, rank, peer, tag, tensor) -> "FakeRequest":
+        """A send that returns at once; its ``wait()`` blocks until the receive is posted."""
+        with self.cond:
+            key = (rank, peer, tag)
+            index = self._post_send(rank, key, tensor)
+            self.cond.notify_all()
+        return FakeRequest(self, rank, key, index)
+
+
+class FakeRequest:
+    def __init__(self, net, rank, key, index):
+        self.net, self.rank, self.key, self.index = net, rank, key, index
+
+    def wait(self):
+        with self.net.cond:
+            self.net._wait(self.rank, self.key, self.index, send=True)
 
 
 class FakeP2P(P2P):
@@ -71,22 +117,31 @@ class FakeP2P(P2P):
     def communicate(self, send_next=None, recv_prev=False, send_prev=None, recv_next=False):
         return self.net.communicate(self.pstate.pp_rank, self.pstate, send_next, recv_prev, send_prev, recv_next)
 
+    def _isend(self, tensor, peer, tag):
+        return self.net.isend(self.pstate.pp_rank, peer, tag, tensor)
+
 
 class FakeChunk(torch.nn.Module):
-    """Virtual stage ``stage``: ``y = x * w``; element 1 carries a tag (stage, micro-batch)."""
+    """Virtual stage ``stage``: ``y = x * w`` (a 1 x 1 column-parallel linear, so a zero-bubble
+    schedule defers its weight grad); element 1 carries a tag (stage, micro-batch)."""
 
     def __init__(self, stage: int, num_stages: int):
         super().__init__()
         self.stage, self.num_stages = stage, num_stages
-        self.w = torch.nn.Parameter(torch.tensor(1.0 + 0.1 * stage))
+        self.linear = ColumnParallelLinear(1, 1, bias=False, init_method=lambda w: w.fill_(1.0 + 0.1 * stage))
+        self.w = self.linear.weight
         self.input_tensor = None
 
     def set_input_tensor(self, tensor):
         self.input_tensor = tensor
 
 
-def make_step_fn(log: list):
-    """``step_fn`` that records ``F``/``B`` ops as (kind, chunk index on the rank, micro-batch)."""
+_RUNNING = threading.local()  # per rank thread: the micro-batch whose backward (b) or W (w) runs
+
+
+def make_step_fn(log: list, net: FakeNetwork | None = None, rank: int | None = None):
+    """``step_fn`` that records ``F``/``B`` ops as (kind, chunk index on the rank, micro-batch)
+    and charges their cost to ``rank``'s clock on ``net``."""
     def step_fn(chunk, mb):
         i = mb["index"]
         if chunk.stage == 0:
@@ -95,48 +150,89 @@ def make_step_fn(log: list):
             x = chunk.input_tensor
             assert int(x[1]) == 1000 * (chunk.stage - 1) + i, (
                 f"stage {chunk.stage} mb {i} got the activation tagged {int(x[1])}")
-        out = torch.stack([x[0] * chunk.w, x[1] * 0 + 1000 * chunk.stage + i])
-        log.append(("F", chunk.vp, i))
-        out.register_hook(lambda g: log.append(("B", chunk.vp, i)))  # fires in this op's backward
+        out = torch.stack([chunk.linear(x[0].reshape(1, 1)).reshape(()), x[1] * 0 + 1000 * chunk.stage + i])
+        _charge(log, net, rank, ("F", chunk.vp, i))
+
+        def on_backward(grad):  # fires in this op's backward (B, or 1F1B's whole backward)
+            _RUNNING.b = i
+            _charge(log, net, rank, ("B", chunk.vp, i))
+        out.register_hook(on_backward)
         return out, lambda o: (o[0] * (i + 1), 1)
     return step_fn
+
+
+def record_weight_grads(chunk, log: list, net: FakeNetwork | None, rank: int) -> None:
+    """Log ``W`` (and charge it) when ``chunk.w``'s grad is accumulated: in the backward (1F1B)
+    or when a zero-bubble schedule runs W."""
+    def on_accumulate(param):
+        w = getattr(_RUNNING, "w", None)
+        _charge(log, net, rank, ("W", chunk.vp, _RUNNING.b if w is None else w))
+    chunk.w.register_post_accumulate_grad_hook(on_accumulate)
+
+
+def _charge(log, net, rank, op) -> None:
+    log.append(op)
+    if net is not None:
+        net.work(rank, op[0])
+
+
+_store_run = WeightGradStore.run
+
+
+def _run_recording_key(store, key):
+    _RUNNING.w = key
+    try:
+        _store_run(store, key)
+    finally:
+        _RUNNING.w = None
 
 
 def microbatches(m: int) -> list[dict]:
     return [{"index": i, "x": torch.tensor(1.0 + i)} for i in range(m)]
 
 
-def run_pipeline(schedule, pp: int, m: int, vpp: int = 1, forward_only: bool = False):
-    """Run ``schedule`` on ``pp`` simulated ranks; return per-rank logs, losses and grads."""
-    net, stages = FakeNetwork(), pp * vpp
+def run_pipeline(schedule, pp: int, m: int, vpp: int = 1, forward_only: bool = False, costs=None):
+    """Run ``schedule`` on ``pp`` simulated ranks; return per-rank logs (``log``: F and B,
+    ``ops``: with W), losses, grads, clock at the end and busy time."""
+    net, stages = FakeNetwork(costs), pp * vpp
     results, errors = {}, []
 
     def rank_main(rank):
         try:
             ps = ParallelState(world_size=pp, rank=rank, pp_size=pp, pp_rank=rank,
                                vpp_size=vpp if vpp > 1 else None, group_ranks={"pp": list(range(pp))})
+            log: list = []
             chunks = []
             for v in range(vpp):
                 chunk = FakeChunk(v * pp + rank, stages)
                 chunk.vp = v
+                record_weight_grads(chunk, log, net, rank)
                 chunks.append(chunk)
-            log: list = []
-            losses = schedule(make_step_fn(log), chunks, microbatches(m), 0.5, FakeP2P(net, ps),
+            losses = schedule(make_step_fn(log, net, rank), chunks, microbatches(m), 0.5, FakeP2P(net, ps),
                               forward_only=forward_only)
-            results[rank] = {"log": log, "losses": [float(l) for l, _ in losses],
-                             "grads": {c.stage: None if c.w.grad is None else float(c.w.grad) for c in chunks}}
+            results[rank] = {"log": [op for op in log if op[0] != "W"], "ops": log,
+                             "losses": [float(l) for l, _ in losses],
+                             "grads": {c.stage: None if c.w.grad is None else float(c.w.grad) for c in chunks},
+                             "clock": net.clock[rank], "busy": net.busy[rank]}
         except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
             errors.append(e)
 
     threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(pp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=3 * TIMEOUT)
+    with mock.patch.object(WeightGradStore, "run", _run_recording_key):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=3 * TIMEOUT)
     if errors:
         raise errors[0]
     assert len(results) == pp, "a rank did not finish"
     return [results[r] for r in range(pp)]
+
+
+def idle(results) -> list[float]:
+    """Each rank's idle time in units of work: from 0 to the last rank's end, not computing."""
+    span = max(r["clock"] for r in results)
+    return [span - r["busy"] for r in results]
 
 
 def serial_reference(stages: int, m: int):
@@ -195,9 +291,9 @@ def test_gpipe_order():
 
 
 def test_forward_only_runs_no_backward():
-    for schedule, vpp in ((one_f_one_b, 1), (interleaved_one_f_one_b, 2)):
+    for schedule, vpp in ((one_f_one_b, 1), (interleaved_one_f_one_b, 2), (zb_h1, 1)):
         results = run_pipeline(schedule, 2, 4, vpp=vpp, forward_only=True)
-        assert all(k == "F" for r in results for k, _, _ in r["log"])
+        assert all(k == "F" for r in results for k, _, _ in r["ops"])
         assert results[-1]["losses"] == pytest.approx(serial_reference(2 * vpp, 4)[0], rel=1e-6)
 
 

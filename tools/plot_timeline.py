@@ -3,20 +3,23 @@
     python tools/plot_timeline.py PATH [--output timeline.png] [--iteration -1] [--pp P --microbatches M --vpp V]
 
 Reads every ``PATH.rank{N}.json`` (``(kind, start, end)`` events; kinds ``forward``,
-``backward``, ``comm``, ``iteration``), puts them on one time axis (the files carry their
+``backward``, ``weight`` (ZB-H1's W; there ``backward`` is B, the input grad), ``comm``,
+``iteration``), puts them on one time axis (the files carry their
 ``perf_counter`` origin, shared by the processes of one machine), keeps one iteration (the last
 by default: the first ones include warm-up effects), draws one row per rank as a PNG and prints
 the bubble of each rank.
 
 Bubble, as measured here: the iteration's *pipeline span* runs from the first forward that
-starts on any rank to the last backward that ends on any rank (one flush of the pipeline). A
-rank's bubble is the part of that span in which it neither runs a forward nor a backward:
-``1 - (forward + backward time) / span``. Time in p2p calls counts as bubble (on CPU it is
+starts on any rank to the last backward (or W) that ends on any rank (one flush of the
+pipeline). A rank's bubble is the part of that span in which it runs no forward, backward or W:
+``1 - (forward + backward + weight time) / span``. Time in p2p calls counts as bubble (on CPU it is
 mostly waiting for the neighbour). The theory for equal-cost stages and free communication is
 ``(p - 1) / (V*m + p - 1)`` of the span (p stages, m micro-batches, V virtual stages per rank;
 ``(p - 1) / (m + p - 1)`` for plain 1F1B); Megatron's papers quote the same bubble relative to
 the ideal time instead, ``(p - 1) / (V*m)``. p, m and V come from the files' ``meta`` (saved by
-the trainer) unless given as options.
+the trainer) unless given as options. A timeline with W events is ZB-H1's: its theory,
+``(p - 1)(F + B - W) / (m (F + B + W) + (p - 1)(F + B - W))``, takes the measured mean F, B and
+W times ((p - 1) / (3m + p - 1) when they are equal).
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import json
 import re
 import sys
 
-COMPUTE = ("forward", "backward")
-COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "comm": "#9A9A9A"}
+COMPUTE = ("forward", "backward", "weight")
+COLOURS = {"forward": "#4C72B0", "backward": "#DD8452", "weight": "#55A868", "comm": "#9A9A9A"}
+LABELS = {"forward": "forward (F)", "backward": "backward (B)", "weight": "weight grads (W)", "comm": "comm"}
 
 
 def load(path: str) -> list[dict]:
@@ -81,6 +85,22 @@ def theory(pp: int, microbatches: int, vpp: int = 1) -> float:
     return (pp - 1) / (vpp * microbatches + pp - 1)
 
 
+def theory_zero_bubble(pp: int, microbatches: int, f: float, b: float, w: float) -> float:
+    """ZB-H1's bubble as a fraction of the span: each rank idles (p-1)(F+B-W) (at least 0)."""
+    idle = (pp - 1) * max(f + b - w, 0.0)
+    return idle / (microbatches * (f + b + w) + idle)
+
+
+def mean_durations(ranks: list[dict]) -> dict[str, float]:
+    """Mean duration of each kind of compute event over all ranks (the kinds that occur)."""
+    out = {}
+    for kind in COMPUTE:
+        spans = [e - s for data in ranks for k, s, e in data["events"] if k == kind]
+        if spans:
+            out[kind] = sum(spans) / len(spans)
+    return out
+
+
 def plot(ranks: list[dict], t0: float, t1: float, output: str, title: str) -> None:
     try:
         import matplotlib
@@ -92,7 +112,7 @@ def plot(ranks: list[dict], t0: float, t1: float, output: str, title: str) -> No
                          "(the bubble numbers above do not)") from None
     fig, ax = plt.subplots(figsize=(12, 0.55 * len(ranks) + 1.3))
     for row, data in enumerate(ranks):
-        for kind in ("comm", "forward", "backward"):
+        for kind in ("comm",) + COMPUTE:
             bars = [((s - t0) * 1e3, (e - s) * 1e3) for k, s, e in data["events"] if k == kind]
             height = 0.35 if kind == "comm" else 0.7
             ax.broken_barh(bars, (row - height / 2, height), facecolors=COLOURS[kind],
@@ -107,10 +127,27 @@ def plot(ranks: list[dict], t0: float, t1: float, output: str, title: str) -> No
     ax.set_xlim(-0.01 * (t1 - t0) * 1e3, (t1 - t0) * 1.01e3)
     ax.set_xlabel("time since the first forward of the iteration (ms)")
     ax.set_title(title)
-    ax.legend(handles=[Patch(color=COLOURS[k], label=k) for k in ("forward", "backward", "comm")],
+    kinds = [k for k in COMPUTE + ("comm",) if any(ev[0] == k for data in ranks for ev in data["events"])]
+    ax.legend(handles=[Patch(color=COLOURS[k], label=LABELS[k]) for k in kinds],
               loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(output, dpi=120)
+
+
+def expected_bubble(ranks: list[dict], pp, m, vpp: int) -> tuple[str, float | None, str]:
+    """``(schedule, theoretical bubble or None, how it was computed)`` for the selected events."""
+    durations = mean_durations(ranks)
+    if "weight" in durations:  # ZB-H1: B and W apart; the theory depends on their lengths
+        f, b, w = (durations[k] for k in COMPUTE)
+        if not (pp and m):
+            return "ZB-H1", None, "give --pp/-m"
+        return "ZB-H1", theory_zero_bubble(pp, m, f, b, w), (
+            f"p={pp} m={m}, mean F {1e3 * f:.1f} B {1e3 * b:.1f} W {1e3 * w:.1f} ms: "
+            f"(p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) = {theory_zero_bubble(pp, m, f, b, w):.3f}")
+    schedule = "interleaved 1F1B" if vpp > 1 else "1F1B"
+    if not (pp and m):
+        return schedule, None, "give --pp/-m/--vpp"
+    return schedule, theory(pp, m, vpp), f"p={pp} m={m} V={vpp}: (p-1)/(V*m+p-1) = {theory(pp, m, vpp):.3f}"
 
 
 def main(argv=None) -> None:
@@ -130,17 +167,15 @@ def main(argv=None) -> None:
     pp = args.pp or meta.get("pp_size")
     m = args.microbatches or meta.get("microbatches")
     vpp = args.vpp or meta.get("vpp_size") or 1
-    expected = theory(pp, m, vpp) if pp and m else None
+    schedule, expected, where = expected_bubble(ranks, pp, m, vpp)
     print(f"pipeline span {1e3 * (t1 - t0):.1f} ms; bubble = idle (incl. p2p waits) / span")
     print(f"{'rank':>5} {'busy ms':>9} {'comm ms':>9} {'bubble':>8} {'theory':>8}")
     for s in stats:
         th = f"{expected:8.3f}" if expected is not None else "       ?"
         print(f"{s['rank']:>5} {1e3 * s['busy']:9.1f} {1e3 * s['comm']:9.1f} {s['bubble']:8.3f} {th}")
     mean = sum(s["bubble"] for s in stats) / len(stats)
-    where = f"p={pp} m={m} V={vpp}: (p-1)/(V*m+p-1) = {expected:.3f}" if expected is not None else "give --pp/-m/--vpp"
     print(f" mean {'':>19} {mean:8.3f}   theory {where}")
     if not args.no_plot:
-        schedule = "interleaved 1F1B" if vpp > 1 else "1F1B"
         title = f"{schedule}, p={pp} m={m}" + (f" V={vpp}" if vpp > 1 else "")
         if expected is not None:
             title += f": measured bubble {mean:.1%} (theory {expected:.1%})"

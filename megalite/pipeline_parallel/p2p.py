@@ -11,6 +11,10 @@ sent is the k-th activation received, also when "next" and "prev" are the same r
 where Megatron-Core's order pairs an activation with a gradient over gloo and deadlocks or
 corrupts). Shapes are known in advance (sequence x micro-batch x hidden), so no shape exchange;
 a tensor of another shape or dtype is refused before anything is posted (see ``_check``).
+
+ZB-H1 (``zb_h1.py``) posts its sends with :meth:`P2P.isend_forward` / :meth:`P2P.isend_backward`
+instead, which return at once with a :class:`SendRequest` to wait on later, and receives with
+the blocking ``recv_*``; the tags and the per-pair order are the same.
 """
 from __future__ import annotations
 
@@ -97,3 +101,41 @@ class P2P:
     def send_backward_recv_forward(self, input_grad: torch.Tensor | None, first_stage: bool):
         """:meth:`send_backward` and :meth:`recv_forward` in one batched exchange."""
         return None if first_stage else self.communicate(send_prev=input_grad, recv_prev=True)[0]
+
+    # Sends that do not wait (zb_h1.py) ----------------------------------------------------
+    def isend_forward(self, output: torch.Tensor, last_stage: bool):
+        """Post the send of this stage's output to the next stage and return at once: a request
+        to ``wait()`` on once the output has surely arrived (None on the last stage)."""
+        if last_stage:
+            return None
+        self._check("activation to the next stage", output)
+        return self._isend(output, self.pstate.next_pp_rank, ACTIVATION_TAG)
+
+    def isend_backward(self, input_grad: torch.Tensor | None, first_stage: bool):
+        """Post the send of the grad of this stage's input to the previous stage; as :meth:`isend_forward`."""
+        if first_stage:
+            return None
+        self._check("gradient to the previous stage", input_grad)
+        return self._isend(input_grad, self.pstate.prev_pp_rank, GRADIENT_TAG)
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> "SendRequest":
+        # A tensor object of its own (detach): free_output(tensor) may swap the storage of the
+        # original at once, while gloo still reads this one.
+        data = tensor.detach().contiguous()
+        return SendRequest(dist.isend(data, peer, tag=tag), data, self.timeline)
+
+
+class SendRequest:
+    """A posted send: holds its data until :meth:`wait`, which records the wait as ``comm``."""
+
+    def __init__(self, work, data: torch.Tensor, timeline=None):
+        self.work, self.data, self.timeline = work, data, timeline
+
+    def wait(self) -> None:
+        if self.work is None:  # waited already (a gloo send work must be waited only once)
+            return
+        start = time.perf_counter()
+        self.work.wait()
+        self.work = self.data = None
+        if self.timeline is not None:
+            self.timeline.record("comm", start, time.perf_counter())

@@ -8,7 +8,8 @@ Every schedule is built from the steps in :mod:`.steps` (:func:`~.steps.forward_
 
 :func:`forward_backward_no_pipelining` is plain gradient accumulation; :func:`gpipe` runs all
 forwards then all backwards; :func:`one_f_one_b` is PipeDream-Flush 1F1B (warmup / steady /
-cooldown); the interleaved variant lives in ``interleaved.py``. :func:`get_schedule` picks one.
+cooldown); the interleaved variant lives in ``interleaved.py``, the zero-bubble ZB-H1 (backward
+split into input and weight grads) in ``zb_h1.py``. :func:`get_schedule` picks one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Callable
 from .interleaved import interleaved_one_f_one_b
 from .p2p import P2P
 from .steps import backward_step, forward_step, free_output
+from .zb_h1 import zb_h1
 
 
 def forward_backward_no_pipelining(step_fn, model, microbatches, grad_scale: float,
@@ -109,9 +111,11 @@ def one_f_one_b(step_fn, model, microbatches, grad_scale: float, p2p: P2P, forwa
 
 
 def get_schedule(pp_size: int, virtual_chunks: int = 1, name: str = "1f1b") -> Callable:
-    """The schedule function for a layout: no pipelining, 1F1B (or GPipe), or interleaved."""
+    """The schedule function for a layout: no pipelining, 1F1B (or GPipe, ZB-H1), or interleaved."""
+    if name == "zb-h1" and (pp_size == 1 or virtual_chunks > 1):  # (config.py says so at start-up)
+        raise ValueError("the zb-h1 pipeline schedule needs pipeline-parallel size > 1 and no virtual stages")
     if pp_size == 1:
         return forward_backward_no_pipelining
     if virtual_chunks > 1:
         return interleaved_one_f_one_b
-    return gpipe if name == "gpipe" else one_f_one_b
+    return {"gpipe": gpipe, "zb-h1": zb_h1}.get(name, one_f_one_b)

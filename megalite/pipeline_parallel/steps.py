@@ -2,7 +2,8 @@
 on one micro-batch, plus freeing a sent activation.
 
 Kept apart from the schedules so that each schedule module (``schedules.py``,
-``interleaved.py``) depends on this one and none on another. The contract:
+``interleaved.py``, ``zb_h1.py``) depends on this one and none on another (``schedules.py``
+only imports the others' entry points for ``get_schedule``). The contract:
 
 * ``step_fn(chunk, microbatch) -> (output, loss_fn)``: runs a model chunk on one micro-batch;
   on the last stage ``loss_fn(output) -> (loss_sum, num_tokens)``.

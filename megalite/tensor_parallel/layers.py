@@ -8,6 +8,10 @@ Parameters carry two attributes the rest of the library reads:
 ``tensor_model_parallel`` (True when sharded; with ``partition_dim``) and ``sequence_parallel``
 (True for replicated params whose grads are partial under sequence parallelism and must be
 all-reduced over the TP group).
+
+Zero-bubble schedules split each backward into B (input grads) and W (weight grads): while a
+:class:`~.weight_grad.WeightGradStore` is attached to a weight, the linears (column, row, output
+layer) defer its grad to the store (``weight_grad.py``), to be computed when the schedule runs W.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .mappings import (_gather_first_dim, _reduce_scatter_first_dim, copy_to_ten
                        gather_from_tensor_parallel, group_rank, group_size,
                        reduce_from_tensor_parallel, reduce_scatter_to_sequence_parallel,
                        scatter_to_tensor_parallel)
+from .weight_grad import deferred_linear, store_of
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,8 +59,17 @@ class _SequenceParallelLinear(torch.autograd.Function):
 def linear_with_sequence_parallel_gather(x, weight, bias, group) -> torch.Tensor:
     """Column-parallel linear of a sequence-sharded input ``[s/tp, ...]`` (see _SequenceParallelLinear)."""
     if group_size(group) == 1:
-        return F.linear(x, weight, bias)
+        return _linear(x, weight, bias)
+    store = store_of(weight, x, bias)
+    if store is not None:
+        return deferred_linear(x, weight, bias, store, sp_group=group)
     return _SequenceParallelLinear.apply(x, weight, bias, group)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear``, its weight grad deferred while a ``WeightGradStore`` is attached to the weight."""
+    store = store_of(weight, x, bias)
+    return F.linear(x, weight, bias) if store is None else deferred_linear(x, weight, bias, store)
 
 
 def init_method_normal(std: float) -> InitMethod:
@@ -145,7 +159,7 @@ class ColumnParallelLinear(nn.Module):
         if self.sequence_parallel:
             return linear_with_sequence_parallel_gather(x, self.weight, self.bias, self.tp_group)
         x = copy_to_tensor_parallel(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        y = _linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel(y, self.tp_group) if self.gather_output else y
 
 
@@ -183,7 +197,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel(x, self.tp_group)
-        y = F.linear(x, self.weight)
+        y = _linear(x, self.weight, None)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel(y, self.tp_group)
         else:
@@ -241,4 +255,4 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, tp_group=None
     """
     if sequence_parallel:
         return linear_with_sequence_parallel_gather(hidden, weight, bias, tp_group)
-    return F.linear(copy_to_tensor_parallel(hidden, tp_group), weight, bias)
+    return _linear(copy_to_tensor_parallel(hidden, tp_group), weight, bias)
