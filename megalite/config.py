@@ -102,6 +102,10 @@ class DataConfig:
     merge_file: str | None = flag(None, "GPT-2 BPE merges.txt")
     vocab_size: int | None = flag(None, "vocabulary size (NullTokenizer, mock data)")
     data_cache_path: str | None = flag(None, "where dataset indices and the built-in corpus are cached")
+    reset_position_ids: bool = flag(False, "packed documents: positions restart after each end-of-document token")
+    reset_attention_mask: bool = flag(False, "packed documents: attend only within the same document "
+                                             "(documents end at the end-of-document token)")
+    eod_mask_loss: bool = flag(False, "packed documents: no loss where the input token is end-of-document")
 
 
 @dataclass
@@ -327,6 +331,11 @@ def _check_training_and_data(cfg: Config) -> list[str]:
         errors.append("--data-path needs --tokenizer-type (and its files) to know the vocabulary")
     if d.data_path and len(d.data_path) > 1 and len(d.data_path) % 2:
         errors.append(f"--data-path with several datasets takes weight/prefix pairs, got {len(d.data_path)} values")
+    packed = [name for name, on in (("--reset-position-ids", d.reset_position_ids),
+                                    ("--reset-attention-mask", d.reset_attention_mask),
+                                    ("--eod-mask-loss", d.eod_mask_loss)) if on]
+    if d.mock_data and packed:
+        errors.append(f"{' / '.join(packed)} need data with end-of-document tokens; --mock-data has none")
     return errors
 
 

@@ -1,6 +1,7 @@
 """Choose and build the train/valid/test datasets from the data flags (used by pretrain_gpt.py)."""
 from __future__ import annotations
 
+from megalite.data.document_masks import DocumentMaskedDataset
 from megalite.data.gpt_dataset import build_train_valid_test_datasets, train_valid_test_num_samples
 from megalite.data.mock_dataset import MockGPTDataset
 from megalite.data.tokenizers import build_tokenizer
@@ -18,7 +19,9 @@ def build_tokenizer_from_config(data_cfg):
 
 def build_datasets(cfg, log=print):
     """``((train, valid, test), vocab_size)`` for ``--mock-data``, ``--data-path`` or, with
-    neither, the built-in corpus (Python standard library sources, byte-level tokens).
+    neither, the built-in corpus (Python standard library sources, byte-level tokens). With
+    ``--reset-position-ids`` / ``--reset-attention-mask`` / ``--eod-mask-loss`` each dataset is
+    wrapped in a :class:`DocumentMaskedDataset` (the tokenizer's EOD marks the documents).
 
     Pure file I/O with atomic cache writes: call it on global rank 0 first, then (after a
     barrier) on the other ranks, which then only read the caches.
@@ -34,4 +37,8 @@ def build_datasets(cfg, log=print):
     tokenizer = build_tokenizer_from_config(d)
     datasets = build_train_valid_test_datasets(d.data_path, d.split, seq, t.seed, num_samples,
                                                d.data_cache_path, tokenizer_eod=tokenizer.eod, log=log)
+    if d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss:
+        # Packed documents: positions, document ids and the EOD loss mask of each sample.
+        datasets = tuple(None if ds is None else DocumentMaskedDataset(
+            ds, tokenizer.eod, d.reset_position_ids, d.reset_attention_mask, d.eod_mask_loss) for ds in datasets)
     return datasets, tokenizer.vocab_size

@@ -18,6 +18,7 @@ import numpy as np
 from megalite.data import cache, index_builders as ib
 from megalite.data.blended_dataset import BlendedDataset
 from megalite.data.indexed_dataset import IndexedDataset, idx_path
+from megalite.data.sft import build_sft_splits, is_sft_dataset
 
 # Megatron-Core's mid_level_dataset_surplus: each blended component builds 0.5% extra samples.
 MID_LEVEL_DATASET_SURPLUS = 0.005
@@ -164,7 +165,10 @@ class GPTDataset:
 
 
 def _build_splits(prefix: str, matrix, num_samples, config: GPTDatasetConfig, log):
-    """The three GPTDatasets (or None) of one prefix; a split with no tokens is None."""
+    """The three GPTDatasets (or None) of one prefix; a split with no tokens is None. Packed SFT
+    data (a prefix with a loss mask beside it, :mod:`megalite.data.sft`) gives PackedSFTDatasets."""
+    if is_sft_dataset(prefix):
+        return build_sft_splits(prefix, matrix, num_samples, config.seq_length, config.seed)
     indexed = IndexedDataset(prefix)
     out = []
     for name, indices, n in zip(ib.SPLIT_NAMES, ib.split_indices(matrix, len(indexed)),

@@ -39,19 +39,21 @@ def local_positions(seq_length: int, cp_rank: int, cp_size: int, device=None) ->
 
 
 def get_batch_on_this_cp_rank(batch: dict, cp_rank: int, cp_size: int) -> dict:
-    """This CP rank's part of a micro-batch of ``[b, s]`` tensors (split along dim 1).
+    """This CP rank's part of a micro-batch of ``[b, s]`` tensors (split along dim 1): tokens,
+    labels, loss mask and, for packed documents, per-sample ``position_ids`` and ``document_ids``.
 
-    Adds ``position_ids`` (global positions) when the batch has none.
+    Adds ``position_ids`` (global positions) when the batch has none, as one row broadcast over
+    the batch (a stride-0 view: the model then builds one RoPE table for all samples).
     """
     tokens = batch["tokens"]
     seq = tokens.shape[1]
-    if "position_ids" not in batch:
-        batch = {**batch, "position_ids": torch.arange(seq, device=tokens.device).expand_as(tokens)}
-    if cp_size == 1:
-        return batch
     index = local_positions(seq, cp_rank, cp_size, tokens.device)
-    return {k: (v.index_select(1, index).contiguous() if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == seq
-                else v) for k, v in batch.items()}
+    if cp_size > 1:
+        batch = {k: (v.index_select(1, index).contiguous() if torch.is_tensor(v) and v.dim() >= 2
+                     and v.shape[1] == seq else v) for k, v in batch.items()}
+    if "position_ids" not in batch:
+        batch = {**batch, "position_ids": index.expand(tokens.shape[0], -1)}
+    return batch
 
 
 def gather_positions(local_seq_length: int, cp_size: int, device=None) -> torch.Tensor:
@@ -65,18 +67,23 @@ def all_gather_kv(x: torch.Tensor, cp_group) -> torch.Tensor:
     return gather_from_sequence_parallel(x, cp_group, grad_is_partial=True)
 
 
-def context_parallel_attention(q, k, v, dropout: float, ctx) -> torch.Tensor:
+def context_parallel_attention(q, k, v, dropout: float, ctx, document_mask=None) -> torch.Tensor:
     """Causal attention of this rank's queries against the keys/values of the whole sequence.
 
     ``q [s/cp, b, n, d]``, ``k, v [s/cp, b, g, d]`` hold the tokens of this rank's two chunks
-    in order; returns ``[s/cp, b, n*d]``.
+    in order; returns ``[s/cp, b, n*d]``. A ``document_mask`` (built by
+    ``DocumentMask.for_stage`` with the gathered keys' document ids) also keeps each query
+    within its document.
     """
     pstate = ctx.pstate
     s, b = q.shape[:2]
     k, v = all_gather_kv(k, pstate.cp_group), all_gather_kv(v, pstate.cp_group)
-    q_pos = local_positions(s * pstate.cp_size, pstate.cp_rank, pstate.cp_size, q.device)
-    k_pos = gather_positions(s, pstate.cp_size, q.device)
-    mask = q_pos[:, None] >= k_pos[None, :]  # [s/cp, s]: True = may attend
+    if document_mask is not None:
+        mask = document_mask.additive(q.dtype)  # [b, 1, s/cp, s]
+    else:
+        q_pos = local_positions(s * pstate.cp_size, pstate.cp_rank, pstate.cp_size, q.device)
+        k_pos = gather_positions(s, pstate.cp_size, q.device)
+        mask = q_pos[:, None] >= k_pos[None, :]  # [s/cp, s]: True = may attend
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                          enable_gqa=k.shape[1] != q.shape[1])

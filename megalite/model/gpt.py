@@ -21,6 +21,7 @@ from ..tensor_parallel import (VocabParallelEmbedding, checkpoint, init_method_n
                                vocab_parallel_cross_entropy)
 from ..tensor_parallel.random import RNGStatesTracker
 from .context_parallel import local_positions
+from .document_mask import DocumentMask
 from .transformer import ParallelContext, TransformerLayer, build_norm, rotary_cos_sin
 
 # Offsets of the per-module init seeds (added to the base seed).
@@ -94,12 +95,14 @@ class GPTModel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage.
 
         ``input_ids``/``labels`` are ``[b, s]``. Returns the hidden states ``[s, b, h]`` on
         non-last stages, the per-token loss ``[b, s]`` (fp32) on the last stage when labels are
-        given, else the vocab-parallel logits ``[b, s, vocab/tp]``.
+        given, else the vocab-parallel logits ``[b, s, vocab/tp]``. ``position_ids`` ``[b, s]``
+        may differ per sample (``--reset-position-ids``); ``document_ids [b, s]``
+        (``--reset-attention-mask``) restrict attention to each token's document.
         """
         if position_ids is None:  # global positions: under CP, those of this rank's chunks
             position_ids = local_positions(input_ids.shape[1] * self.pstate.cp_size, self.pstate.cp_rank,
@@ -108,8 +111,10 @@ class GPTModel(nn.Module):
         rotary = None
         if self.cfg.position_embedding_type == "rope":
             head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
-            rotary = rotary_cos_sin(position_ids[0], head_dim, self.cfg.rotary_base, x.dtype)
-        x = self._run_layers(x, rotary)
+            shared = position_ids.shape[0] == 1 or position_ids.stride(0) == 0  # one row broadcast
+            positions = position_ids[0] if shared else position_ids  # else per sample (reset positions)
+            rotary = rotary_cos_sin(positions, head_dim, self.cfg.rotary_base, x.dtype)
+        x = self._run_layers(x, rotary, DocumentMask.for_stage(document_ids, self.pstate))
         if not self.post_process:
             return x
         x = self.final_norm(x)
@@ -131,26 +136,29 @@ class GPTModel(nn.Module):
                 x = F.dropout(x, self.cfg.hidden_dropout, training=True)
         return x
 
-    def _run_layers(self, x: torch.Tensor, rotary) -> torch.Tensor:
-        cfg = self.cfg
+    def _run_layers(self, x: torch.Tensor, rotary, document_mask: DocumentMask | None) -> torch.Tensor:
+        cfg, mask = self.cfg, document_mask
         if cfg.recompute_granularity != "full" or not self.training:
             for layer in self.layers:
-                x = layer(x, rotary)
+                x = layer(x, rotary, mask)
             return x
         n = cfg.recompute_num_layers or 1
         if cfg.recompute_method == "uniform":  # checkpoint chunks of n layers
             for start in range(0, len(self.layers), n):
                 chunk = self.layers[start:start + n]
-                x = checkpoint(_run_chunk(chunk), self.ctx.tracker, x, *(rotary or ()))
+                x = checkpoint(_run_chunk(chunk), self.ctx.tracker, x, mask, *(rotary or ()))
             return x
         for i, layer in enumerate(self.layers):  # "block": checkpoint the first n layers only
-            x = checkpoint(_run_chunk([layer]), self.ctx.tracker, x, *(rotary or ())) if i < n else layer(x, rotary)
+            if i < n:
+                x = checkpoint(_run_chunk([layer]), self.ctx.tracker, x, mask, *(rotary or ()))
+            else:
+                x = layer(x, rotary, mask)
         return x
 
 
 def _run_chunk(layers):
-    def run(x, *rotary):
+    def run(x, document_mask, *rotary):
         for layer in layers:
-            x = layer(x, tuple(rotary) or None)
+            x = layer(x, tuple(rotary) or None, document_mask)
         return x
     return run

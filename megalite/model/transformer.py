@@ -36,11 +36,13 @@ def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[s, 1, 1, head_dim]`` for the given positions (non-interleaved halves,
-    the convention of Megatron-Core and Hugging Face Llama)."""
+    """cos/sin tables for the given positions (non-interleaved halves, the convention of
+    Megatron-Core and Hugging Face Llama): ``[s, 1, 1, head_dim]`` for positions ``[s]`` shared by
+    the batch, ``[s, b, 1, head_dim]`` for per-sample positions ``[b, s]`` (``--reset-position-ids``)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([angles, angles], dim=-1)[:, None, None, :]
+    angles = positions.float()[..., None] * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    emb = emb[:, None, None, :] if positions.dim() == 1 else emb.transpose(0, 1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -93,8 +95,10 @@ class Attention(nn.Module):
         self.core_attention = (context_parallel_attention if ctx.pstate.cp_size > 1
                                else core_attention_fn(cfg))
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """``x [s, b, h]`` (a sequence shard under SP) -> attention output ``[s, b, h]``."""
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                document_mask=None) -> torch.Tensor:
+        """``x [s, b, h]`` (a sequence shard under SP) -> attention output ``[s, b, h]``; a
+        :class:`~.document_mask.DocumentMask` keeps each query within its document."""
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.num_groups, self.q_per_group + 2, self.head_dim)
@@ -105,14 +109,14 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         dropout = self.cfg.attention_dropout if self.training else 0.0
         if self.selective_recompute:
-            context = checkpoint(self._core, self.ctx.tracker, q, k, v, dropout)
+            context = checkpoint(self._core, self.ctx.tracker, q, k, v, dropout, document_mask)
         else:
-            context = self._core(q, k, v, dropout)
+            context = self._core(q, k, v, dropout, document_mask)
         return self.proj(context)
 
-    def _core(self, q, k, v, dropout: float) -> torch.Tensor:
+    def _core(self, q, k, v, dropout: float, document_mask=None) -> torch.Tensor:
         with self.ctx.parallel_rng() if dropout > 0 else contextlib.nullcontext():
-            return self.core_attention(q, k, v, dropout, self.ctx)
+            return self.core_attention(q, k, v, dropout, self.ctx, document_mask)
 
 
 class MLP(nn.Module):
@@ -153,9 +157,10 @@ class TransformerLayer(nn.Module):
         self.norm_2 = build_norm(cfg, ctx.sequence_parallel)
         self.mlp = MLP(cfg, ctx)
 
-    def forward(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
-        """One block on ``x [s, b, h]``; ``rotary`` is the (cos, sin) pair with RoPE, else None."""
-        x = x + self._dropout(self.attention(self.norm_1(x), rotary))
+    def forward(self, x: torch.Tensor, rotary=None, document_mask=None) -> torch.Tensor:
+        """One block on ``x [s, b, h]``; ``rotary`` is the (cos, sin) pair with RoPE, else None;
+        ``document_mask`` the packed documents' attention mask, else None (plain causal)."""
+        x = x + self._dropout(self.attention(self.norm_1(x), rotary, document_mask))
         return x + self._dropout(self.mlp(self.norm_2(x)))
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:

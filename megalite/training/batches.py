@@ -36,7 +36,8 @@ class BatchIterator:
         self.indices = iter(self.sampler)
 
     def next_microbatches(self, count: int) -> list[dict]:
-        """``count`` micro-batches of ``tokens``, ``labels``, ``loss_mask`` (and ``position_ids``)."""
+        """``count`` micro-batches of ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` (and
+        ``document_ids`` with ``--reset-attention-mask``)."""
         batches = []
         for _ in range(count):
             try:
@@ -50,7 +51,8 @@ class BatchIterator:
 
     def _collate(self, items: list) -> dict:
         # A sample is seq_length + 1 token ids, or a dict {"tokens": those ids, "loss_mask":
-        # seq_length weights of the labels} for data that excludes some tokens from the loss.
+        # seq_length weights of the labels} for data that excludes some tokens from the loss,
+        # with, for packed documents, the seq_length "position_ids" / "document_ids" of the inputs.
         masked = isinstance(items[0], dict)
         samples = torch.from_numpy(np.stack([x["tokens"] if masked else x for x in items]).astype(np.int64))
         samples = samples.to(self.device)
@@ -58,5 +60,8 @@ class BatchIterator:
         mask = (torch.from_numpy(np.stack([x["loss_mask"] for x in items]).astype(np.float32)).to(self.device)
                 if masked else torch.ones_like(labels, dtype=torch.float32))
         batch = {"tokens": tokens, "labels": labels, "loss_mask": mask}
+        for key in ("position_ids", "document_ids"):
+            if masked and key in items[0]:
+                batch[key] = torch.from_numpy(np.stack([x[key] for x in items]).astype(np.int64)).to(self.device)
         # Context parallel: keep this CP rank's (load-balanced) chunks, with global position ids.
         return get_batch_on_this_cp_rank(batch, self.pstate.cp_rank, self.pstate.cp_size)

@@ -44,7 +44,8 @@ def model_order(model_chunks, pstate: ParallelState) -> dict[int, tuple[tuple[in
 def loss_step(chunk, microbatch):
     """The ``step_fn`` of the schedules: run a chunk; on the last stage sum the masked losses."""
     output = chunk(microbatch["tokens"], position_ids=microbatch.get("position_ids"),
-                   labels=microbatch["labels"] if chunk.post_process else None)
+                   labels=microbatch["labels"] if chunk.post_process else None,
+                   document_ids=microbatch.get("document_ids"))
     mask = microbatch["loss_mask"]
 
     def loss_fn(per_token_loss):
