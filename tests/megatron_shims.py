@@ -56,3 +56,36 @@ def apply_cpu_shims() -> None:
 def causal_mask(seq_length: int) -> torch.Tensor:
     """Megatron's boolean attention mask ``[1, 1, s, s]`` (True = masked out) for causal attention."""
     return torch.triu(torch.ones(1, 1, seq_length, seq_length, dtype=torch.bool), diagonal=1)
+
+
+@contextlib.contextmanager
+def cpu_dist_checkpointing():
+    """Run megatron-core's own torch_dist writer (``dist_checkpointing.save``) and loader on a CPU-only
+    torch in a spawned (daemonic) test worker. The shims replace only process plumbing and device
+    choices, never what is written:
+
+    1. the writer forks one process per file and starts a ``multiprocessing.Manager`` for the
+       results; a daemonic process may not have children, so the worker is marked non-daemonic for
+       the call, and the results queue is a plain in-process ``queue.Queue`` (the synchronous save
+       runs the writer function in this process);
+    2. ``torch.cuda.synchronize`` (after staging tensors to host memory) is a no-op;
+    3. ``torch.cuda.current_device`` (the device of the all-reduced failure flag) answers ``"cpu"``;
+    4. the writer logs its memory use through psutil, which megatron-core does not depend on:
+       it reads 0 when psutil is missing.
+    """
+    import multiprocessing
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    config = multiprocessing.current_process()._config
+    daemon = config.get("daemon")
+    config["daemon"] = False
+    try:
+        with mock.patch.object(filesystem_async, "_get_write_results_queue", queue.Queue), \
+                mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None), \
+                mock.patch.object(torch.cuda, "current_device", lambda: "cpu"), \
+                mock.patch.object(filesystem_async, "_process_memory", lambda: 0):
+            yield
+    finally:
+        config["daemon"] = daemon
