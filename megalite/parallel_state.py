@@ -27,6 +27,7 @@ import torch.distributed as dist
 # position embeddings live on the first stage only, so their grads need no reduction across
 # stages. Creating an unused group would cost every rank a collective new_group call.
 PROCESS_GROUPS = ("tp", "pp", "dp", "cp", "dp_cp", "mp", "embedding")
+EXPERT_GROUPS = ("ep", "etp", "tp_ep", "tp_ep_pp", "edp")  # created only for MoE models
 
 
 def _check_sizes(world_size: int, tp: int, pp: int, cp: int) -> int:
@@ -156,17 +157,27 @@ class ParallelState:
     pp_rank: int = 0
     cp_rank: int = 0
     dp_rank: int = 0
+    ep_size: int = 1       # the expert grid (MoE): EP x ETP x EDP x PP
+    etp_size: int = 1
+    ep_rank: int = 0
+    etp_rank: int = 0
+    edp_rank: int = 0
     groups: dict = field(default_factory=dict)       # name -> ProcessGroup | None
     group_ranks: dict = field(default_factory=dict)  # name -> list of global ranks
 
     @classmethod
     def from_sizes(cls, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
-                   backend: str | None = None) -> "ParallelState":
-        """Create every process group of the layout (collective: all ranks must call it)."""
+                   backend: str | None = None, ep: int | None = None, etp: int | None = None) -> "ParallelState":
+        """Create every process group of the layout (collective: all ranks must call it).
+
+        ``ep`` (expert-model-parallel size) set, also the expert grid's groups (``ep``,
+        ``etp``, ``tp_ep``, ``tp_ep_pp``, ``edp``; ``etp`` defaults to ``tp``)."""
         initialized = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialized else 1
         rank = dist.get_rank() if initialized else 0
-        layout = rank_groups(world_size, tp=tp, pp=pp, cp=cp)
+        experts = ep is not None
+        etp = (etp or tp) if experts else None
+        layout = rank_groups(world_size, tp=tp, pp=pp, cp=cp, ep=ep or 1, etp=etp)
         coords = coordinates(rank, world_size, tp=tp, pp=pp, cp=cp)
         if vpp is not None and vpp > 1 and pp < 2:
             raise ValueError(f"virtual pipeline size {vpp} needs pipeline-parallel size > 1, got {pp}")
@@ -174,9 +185,13 @@ class ParallelState:
                     dp_size=world_size // (tp * pp * cp), vpp_size=vpp,
                     tp_rank=coords["tp"], pp_rank=coords["pp"], cp_rank=coords["cp"],
                     dp_rank=coords["dp"])
+        if experts:
+            e = expert_coordinates(rank, world_size, pp=pp, ep=ep, etp=etp)
+            state.ep_size, state.etp_size, state.ep_rank, state.etp_rank, state.edp_rank = \
+                ep, etp, e["ep"], e["etp"], e["edp"]
         for name, name_groups in layout.items():
             state.group_ranks[name] = next((ranks for ranks in name_groups if rank in ranks), [])
-        for name in PROCESS_GROUPS:
+        for name in PROCESS_GROUPS + (EXPERT_GROUPS if experts else ()):
             state.groups[name] = None
             for ranks in layout[name]:
                 # new_group is collective over the whole world: every rank creates every group.
@@ -190,7 +205,9 @@ class ParallelState:
         """The layout of a parsed :class:`megalite.config.Config` (collective, as :meth:`from_sizes`)."""
         p = cfg.parallel
         return cls.from_sizes(tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-                              cp=p.context_parallel_size, vpp=cfg.virtual_pipeline_size, backend=backend)
+                              cp=p.context_parallel_size, vpp=cfg.virtual_pipeline_size, backend=backend,
+                              ep=p.expert_model_parallel_size if cfg.model.num_experts else None,
+                              etp=p.expert_tensor_parallel_size)
 
     # -- groups ---------------------------------------------------------------------------
     tp_group = property(lambda self: self.groups.get("tp"))
@@ -200,6 +217,16 @@ class ParallelState:
     dp_cp_group = property(lambda self: self.groups.get("dp_cp"))
     mp_group = property(lambda self: self.groups.get("mp"))
     embedding_group = property(lambda self: self.groups.get("embedding"))
+    ep_group = property(lambda self: self.groups.get("ep"))
+    etp_group = property(lambda self: self.groups.get("etp"))
+    tp_ep_group = property(lambda self: self.groups.get("tp_ep"))
+    tp_ep_pp_group = property(lambda self: self.groups.get("tp_ep_pp"))
+    edp_group = property(lambda self: self.groups.get("edp"))
+
+    @property
+    def edp_size(self) -> int:
+        """Size of the expert-data-parallel group (the replicas of one expert shard)."""
+        return self.world_size // (self.etp_size * self.ep_size * self.pp_size)
 
     @property
     def dp_cp_size(self) -> int:

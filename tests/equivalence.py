@@ -76,7 +76,8 @@ def _local_state(trainer) -> dict:
         params.setdefault(name, []).append({
             "value": p.detach().float().numpy().copy(),
             "partition_dim": getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else None,
-            "parts": getattr(p, "parts", 1), "real_rows": getattr(p, "real_rows", None)})
+            "parts": getattr(p, "parts", 1), "real_rows": getattr(p, "real_rows", None),
+            "shard": getattr(p, "expert_tp", (None,))[0]})  # MoE experts: the expert-TP rank
     return params
 
 
@@ -87,8 +88,7 @@ def _owned_grads(trainer) -> dict:
     names = {id(p): name for name, p in named_global_parameters(trainer.model)}
     grads: dict[str, list] = {}
     for f in trainer.optimizer.fragments:
-        offset = f.start - trainer.buffer.param_range[id(f.param)][0]
-        grads.setdefault(names[id(f.param)], []).append((offset, f.main.grad.detach().numpy().copy()))
+        grads.setdefault(names[id(f.param)], []).append((f.offset, f.main.grad.detach().numpy().copy()))
     return grads
 
 
@@ -162,12 +162,17 @@ def assemble(pieces: dict[int, dict], name: str) -> np.ndarray:
     return full
 
 
+def _shard(piece: dict, result: dict) -> int:
+    """Which TP shard a piece is: the rank's TP rank, or for MoE experts its expert-TP rank."""
+    return result["coords"]["tp"] if piece.get("shard") is None else piece["shard"]
+
+
 def _gather_params(results: list[dict], key: str) -> dict[str, np.ndarray]:
     local: dict[tuple[str, int], dict] = {}
     for r in results:
-        tp_rank = r["coords"]["tp"]
         for name, copies in r[key].items():
             for piece in copies:
+                tp_rank = _shard(piece, r)
                 seen = local.setdefault((name, tp_rank), piece)
                 assert np.array_equal(seen["value"], piece["value"], equal_nan=True), (
                     f"{key}: replicas of {name} (tp rank {tp_rank}) differ between ranks (e.g. rank with "
@@ -189,11 +194,11 @@ def _gather_grads(results: list[dict]) -> dict[str, np.ndarray]:
     shapes = {}
     for r in results:
         for name, copies in r["params"].items():
-            shapes[(name, r["coords"]["tp"])] = copies[0]
+            shapes[(name, _shard(copies[0], r))] = copies[0]
     local, covered = {}, {}
     for r in results:
-        tp_rank = r["coords"]["tp"]
         for name, pieces in r["grads"].items():
+            tp_rank = _shard(r["params"][name][0], r)
             meta = shapes[(name, tp_rank)]
             flat = local.setdefault((name, tp_rank), np.zeros(meta["value"].size, dtype=np.float32))
             mask = covered.setdefault((name, tp_rank), np.zeros(meta["value"].size, dtype=bool))

@@ -72,3 +72,16 @@ def test_scaling_launch_reports_the_failing_rank():
     import scaling
     with pytest.raises(RuntimeError, match=r"rank 1 failed:(.|\n)*rank 1 refuses"):
         scaling.launch(_fails_on_rank_1, 1 + 1)
+
+
+def test_moe_reference_layer_equals_megalite_moe_layer():
+    """benchmarks/moe.py's plain PyTorch MoE, given megalite's weights, computes megalite's
+    MoELayer: same output and input grad (what makes its ratio like-for-like)."""
+    import argparse
+
+    import moe
+    config = argparse.Namespace(hidden=16, ffn=24, experts=4, topk=2, seq=6, mb=2)
+    mega, ref = moe.layer_pair(config)
+    (out, grad), (ref_out, ref_grad) = mega.step(), ref.step()
+    assert out.abs().max() > 0
+    assert (out - ref_out).abs().max() < 1e-5 and (grad - ref_grad).abs().max() < 1e-5

@@ -53,6 +53,9 @@ def test_resume_is_exact_3d_distributed_optimizer(tmp_path):
 
 
 NODROP = TINY + ["--train-iters", "12", "--lr-decay-style", "linear"]  # RNG cannot carry across layouts
+EP = "--expert-model-parallel-size"
+MOE_BIASED = ["--num-experts", "4", "--moe-ffn-hidden-size", "64", "--moe-aux-loss-coeff", "1e-2",
+              "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"]  # the bias is resumed too
 
 
 @pytest.mark.parametrize("flags,src,src_world,dst,dst_world,tol", [
@@ -62,8 +65,10 @@ NODROP = TINY + ["--train-iters", "12", "--lr-decay-style", "linear"]  # RNG can
     (["--num-layers", "8"], [PP, "2", VPP, "2"], 2, [TP, "2"], 2, FP32),  # virtual chunks -> TP
     (["--bf16"], [TP, "2"], 2, [PP, "2", "--use-distributed-optimizer"], 4, BF16),
     ([], ["--context-parallel-size", "2", "--use-distributed-optimizer"], 4, [TP, "2", PP, "2"], 4, FP32),
+    (MOE_BIASED, [TP, "2", "--sequence-parallel", EP, "2", "--use-distributed-optimizer"], 4,
+     [EP, "4", "--moe-token-dispatcher-type", "alltoall"], 4, FP32),  # experts: EP and expert-TP both change
 ], ids=["tp2pp2-to-distopt", "distopt-to-tp2pp2", "swiglu-tp2-to-1", "vpp-to-tp2", "bf16-tp2-to-pp2-distopt",
-        "cp2-dp2-distopt-to-tp2pp2"])
+        "cp2-dp2-distopt-to-tp2pp2", "moe-tp2-ep2-distopt-to-ep4"])
 def test_reshard_continues_like_the_original_layout(tmp_path, flags, src, src_world, dst, dst_world, tol):
     """Loaded == saved (every weight, bit for bit, at the new layout), then the run goes on as
     the uninterrupted run at the original layout: losses, grad norms and weights."""

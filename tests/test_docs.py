@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "docs/data.md", "docs/parallelism.md", "docs/checkpoints.md", "docs/performance.md",
-        "docs/architecture.md", "docs/pitfalls.md", "docs/testing.md", "examples/multinode.md"]
+        "docs/architecture.md", "docs/pitfalls.md", "docs/testing.md", "docs/moe.md", "examples/multinode.md"]
 BLOCK_RE = re.compile(r"(<!-- docs-check: skip[^>]*-->\s*)?```(?:bash|sh)\n(.*?)```", re.S)
 _already_run: set[str] = set()  # the same command in two docs runs once
 

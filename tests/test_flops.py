@@ -94,3 +94,19 @@ def test_narayanan_forms(b, s, L, h, V):
         72 * b * s * L * h * h * (1 + s / (6 * h) + V / (12 * L * h)), rel=1e-12)
     assert num_floating_point_operations(**kw, full_recompute=True) == pytest.approx(
         96 * b * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h)), rel=1e-12)
+
+
+def test_moe_flops_count_the_active_experts_and_the_router():
+    """An MoE layer costs top-k experts' MLPs plus the router (``2 h E`` per token forward); with
+    top-1 of experts as large as the dense MLP it is the dense model plus the router."""
+    from megalite.config import parse_args
+    from megalite.planning import model_flops_per_iteration
+    base = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+    dense = parse_args(base).model
+    moe = parse_args(base + ["--num-experts", "8", "--moe-router-topk", "1", "--moe-layer-freq", "2"]).model
+    tokens = 4 * 32
+    router = 3 * 2 * 64 * 8 * tokens * 2  # fwd + 2 bwd matmuls, 2 FLOPs per multiply-add, 2 MoE layers
+    assert model_flops_per_iteration(moe, 4, 512) == pytest.approx(model_flops_per_iteration(dense, 4, 512) + router)
+    top2 = parse_args(base + ["--num-experts", "8", "--moe-router-topk", "2", "--moe-layer-freq", "2"]).model
+    mlp = 3 * 2 * 2 * 64 * 256 * tokens * 2  # one more expert (fc1 + fc2) in each of the 2 MoE layers
+    assert model_flops_per_iteration(top2, 4, 512) == pytest.approx(model_flops_per_iteration(moe, 4, 512) + mlp)

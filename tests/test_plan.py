@@ -296,3 +296,28 @@ def test_plan_cli_defaults_world_size_to_the_model_parallel_layout(capsys):
     explicit = capsys.readouterr().out
     assert "world size not given" not in explicit
     assert explicit == out.replace(notes[0] + "\n", "")
+
+
+MOE_PLAN = ["--num-experts", "4", "--moe-ffn-hidden-size", "48", "--moe-router-topk", "2", "--moe-layer-freq", "2",
+            "--moe-shared-expert-intermediate-size", "32"]
+
+
+def test_moe_parameters_total_active_and_per_expert_rank():
+    """Every parameter of an MoE model (router, experts, shared expert, dense layers between) is
+    counted; one token runs only top-k of the experts; an EP rank holds its share of them."""
+    import dataclasses
+    cfg = parse_args(TINY + MOE_PLAN)
+    whole = GPTModel(cfg.model, ParallelState.from_sizes(ep=1), vocab_size=VOCAB)
+    total = sum(p.numel() for p in whole.parameters())
+    assert planning.total_params(cfg, VOCAB) == total
+    expert = sum(p.numel() for p in whole.layers[0].mlp.experts[0].parameters())
+    moe_layers = sum(1 for layer in whole.layers if hasattr(layer.mlp, "router"))
+    assert moe_layers == cfg.model.num_layers // 2 and expert == 2 * 48 * cfg.model.hidden_size  # GELU: fc1 + fc2, no bias
+    assert planning.active_params(cfg, VOCAB) == total - moe_layers * (4 - 2) * expert
+    ep2 = parse_args(TINY + MOE_PLAN + ["--expert-model-parallel-size", "2"], world_size=2)
+    rank = dataclasses.replace(ParallelState.from_sizes(ep=1), ep_size=2, ep_rank=1)
+    half = GPTModel(ep2.model, rank, vocab_size=VOCAB)
+    assert planning.stage_params(ep2, VOCAB, 0)["total"] == sum(p.numel() for p in half.parameters()) == \
+        total - moe_layers * 2 * expert
+    dense = parse_args(TINY)
+    assert planning.active_params(dense, VOCAB) == planning.total_params(dense, VOCAB)

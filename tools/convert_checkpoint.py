@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     megatron.add_argument("--true-vocab-size", type=int, default=None,
                           help="megatron-to-megalite: keep this many vocabulary rows (default: the vocabulary of "
                                "the tokenizer in the Megatron args, else every padded row)")
-    parser.add_argument("--model-type", choices=["auto", "gpt2", "llama"], default="auto",
+    parser.add_argument("--model-type", choices=["auto", "gpt2", "llama", "mixtral"], default="auto",
                         help="HF output architecture (default: from the megalite model options)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="HF or Megatron output dtype (default float32)")

@@ -126,7 +126,9 @@ def format_plan(pl: planning.Plan) -> str:
     lines = [f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
              f"(query groups {m.num_query_groups}), ffn {m.ffn_hidden_size}{' SwiGLU' if m.swiglu else ''}, "
              f"seq {m.seq_length}, vocab {pl.vocab_size} (padded {pl.padded_vocab_size})",
-             f"parameters: {pl.total_params:,} ({human(pl.total_params).replace('G', 'B')})",
+             f"parameters: {pl.total_params:,} ({human(pl.total_params).replace('G', 'B')})"
+             + (f", active per token {pl.active_params:,} ({human(pl.active_params).replace('G', 'B')}; "
+                f"{m.moe_router_topk} of {m.num_experts} experts)" if m.num_experts else ""),
              "layout: " + layout_line(cfg),
              "",
              "parameters per rank (one TP shard):",

@@ -26,6 +26,8 @@ def shard_layout(name: str, m: dict, vocab: int) -> dict:
     (proj, fc2 weights: dim 1), vocab-parallel embeddings (dim 0, ``real_rows`` = vocab),
     everything else (norms, row-parallel biases, position embeddings) replicated."""
     leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    if leaf.startswith("mlp.experts."):  # MoE experts: split like a dense MLP (over expert TP)
+        leaf = "mlp." + leaf.split(".", 3)[-1]
     if name in ("word_embeddings.weight", "output_layer.weight"):
         return {"partition_dim": 0, "parts": 1, "real_rows": vocab}
     if leaf in ("attention.qkv.weight", "attention.qkv.bias", "mlp.fc1.weight", "mlp.fc1.bias"):

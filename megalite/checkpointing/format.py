@@ -17,6 +17,12 @@ from __future__ import annotations
 import torch
 
 
+def tp_position(param: torch.nn.Parameter, pstate) -> tuple[int, int]:
+    """``(rank, size)`` of ``param``'s tensor-parallel split: the expert-TP group's for MoE
+    expert params (``param.expert_tp``), else the dense TP group's."""
+    return getattr(param, "expert_tp", (pstate.tp_rank, pstate.tp_size))
+
+
 def shard_meta(param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> dict:
     """How ``param``'s local tensor sits inside its full tensor."""
     sharded = getattr(param, "tensor_model_parallel", False)

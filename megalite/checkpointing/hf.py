@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 / Llama <-> megalite: configs, tensor names and layouts, on CPU.
+"""Hugging Face GPT-2 / Llama / Mixtral <-> megalite: configs, tensor names and layouts, on CPU.
 
 Everything here works on *full* tensors (the TP=1, unpadded layout of checkpointing/format.py)
 keyed by megalite's global names; no training model is built. The name mapping is
@@ -7,13 +7,18 @@ megalite fuses QKV rows per key/value group ``[q_1..q_k, k, v]`` (HF GPT-2: one 
 ``[h, 3h]`` with q|k|v column blocks; HF Llama: separate q/k/v_proj); SwiGLU fc1 is
 ``[gate; up]``; GPT-2's Conv1D weights are ``[in, out]`` (transposed). RoPE is the
 non-interleaved ``rotate_half`` form in both megalite and HF Llama, so q/k rows need no
-permutation. GPT-2's ``gelu_new`` is megalite's ``--openai-gelu`` (tanh GELU).
+permutation. GPT-2's ``gelu_new`` is megalite's ``--openai-gelu`` (tanh GELU). Mixtral is Llama with every
+MLP an MoE layer: its router (``block_sparse_moe.gate``: softmax, top-k, renormalised, which is
+megalite's default softmax-after-top-k) and experts ``w1`` (gate), ``w3`` (up), ``w2`` (down),
+the per-expert form that ``transformers`` writes and reads (its in-memory fused
+``mlp.experts.gate_up_proj`` / ``down_proj`` are accepted too). Qwen2-MoE (gated shared expert)
+and OLMoE (QK-norm) need layers megalite does not have and are refused.
 """
 from __future__ import annotations
 
 import torch
 
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # HF tensors that are buffers of older checkpoints, not weights: dropped on the way in.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -31,7 +36,7 @@ def detect_hf_arch(hf: dict) -> str:
         if kind == arch or cls in arches:
             return arch
     raise ConversionError(f"unsupported Hugging Face model_type {kind!r} ({arches or 'no architectures'}): "
-                          "only GPT-2 (gpt2) and Llama (llama) are supported")
+                          "only GPT-2 (gpt2), Llama (llama) and Mixtral (mixtral) are supported")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -58,7 +63,7 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict, int]:
                       untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True),
                       attention_dropout=hf.get("attn_pdrop", 0.0), hidden_dropout=hf.get("resid_pdrop", 0.0),
                       init_method_std=hf.get("initializer_range", 0.02))
-    else:
+    else:  # Llama, Mixtral
         h, heads = hf["hidden_size"], hf["num_attention_heads"]
         groups = hf.get("num_key_value_heads") or heads
         _require(hf.get("hidden_act", "silu") == "silu", f"Llama hidden_act {hf.get('hidden_act')!r}: only silu")
@@ -81,11 +86,26 @@ def model_config_from_hf(hf: dict) -> tuple[str, dict, int]:
                       untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
                       attention_dropout=hf.get("attention_dropout", 0.0), hidden_dropout=0.0,
                       init_method_std=hf.get("initializer_range", 0.02))
+        if arch == "mixtral":
+            _require(hf.get("sliding_window") in (None, 0) or hf["sliding_window"] >= hf["max_position_embeddings"],
+                     f"Mixtral sliding_window {hf.get('sliding_window')}: megalite has no sliding-window attention")
+            fields.update(num_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                          moe_ffn_hidden_size=hf["intermediate_size"],
+                          moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0))
     return arch, fields, hf["vocab_size"]
 
 
 def detect_megalite_arch(m: dict) -> str:
-    """gpt2 for LayerNorm + learned positions + GELU, llama for RMSNorm + RoPE + SwiGLU."""
+    """gpt2 for LayerNorm + learned positions + GELU, llama for RMSNorm + RoPE + SwiGLU (mixtral
+    with experts in every layer)."""
+    if m.get("num_experts"):
+        _require((m["normalization"], m["position_embedding_type"], m["swiglu"]) == ("RMSNorm", "rope", True)
+                 and m.get("moe_layer_freq", "1") == "1" and not m.get("moe_shared_expert_intermediate_size")
+                 and m.get("moe_router_score_function", "softmax") == "softmax"
+                 and not m.get("moe_router_pre_softmax") and m["disable_bias_linear"],
+                 "an MoE model exports as Mixtral only with RMSNorm + rope + --swiglu, --disable-bias-linear, "
+                 "experts in every layer (--moe-layer-freq 1), no shared expert, softmax-after-top-k routing")
+        return "mixtral"
     if (m["normalization"], m["position_embedding_type"], m["swiglu"]) == ("LayerNorm", "learned_absolute", False):
         return "gpt2"
     if (m["normalization"], m["position_embedding_type"], m["swiglu"]) == ("RMSNorm", "rope", True):
@@ -111,6 +131,16 @@ def hf_config_from_megalite(arch: str, m: dict, vocab: int, dtype: torch.dtype =
             attn_pdrop=m["attention_dropout"], resid_pdrop=m["hidden_dropout"], embd_pdrop=m["hidden_dropout"],
             **common)
     bias = not m["disable_bias_linear"]
+    if arch == "mixtral":
+        return transformers.MixtralConfig(
+            num_hidden_layers=m["num_layers"], hidden_size=m["hidden_size"],
+            intermediate_size=m["moe_ffn_hidden_size"] or m["ffn_hidden_size"],
+            num_attention_heads=m["num_attention_heads"], num_key_value_heads=m["num_query_groups"],
+            head_dim=m["hidden_size"] // m["num_attention_heads"], max_position_embeddings=m["max_position_embeddings"],
+            rms_norm_eps=m["norm_epsilon"], rope_theta=float(m["rotary_base"]), hidden_act="silu",
+            num_local_experts=m["num_experts"], num_experts_per_tok=m["moe_router_topk"],
+            router_aux_loss_coef=m.get("moe_aux_loss_coeff") or 0.0, sliding_window=None,
+            attention_dropout=m["attention_dropout"], **common)
     return transformers.LlamaConfig(
         num_hidden_layers=m["num_layers"], hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
         num_attention_heads=m["num_attention_heads"], num_key_value_heads=m["num_query_groups"],
@@ -132,6 +162,9 @@ def megalite_flags(m: dict) -> list[str]:
     for name in ("swiglu", "openai_gelu", "disable_bias_linear", "untie_embeddings_and_output_weights"):
         if m.get(name):
             flags.append("--" + name.replace("_", "-"))
+    if m.get("num_experts"):
+        flags += ["--num-experts", m["num_experts"], "--moe-router-topk", m["moe_router_topk"],
+                  "--moe-ffn-hidden-size", m["moe_ffn_hidden_size"] or m["ffn_hidden_size"]]
     return [str(f) for f in flags]
 
 
@@ -168,10 +201,40 @@ def _layer_map(arch: str, m: dict) -> list[tuple[str, str, str]]:
             ("norm_2.weight", "post_attention_layernorm.weight", "copy")]
     for kind in ("weight",) + (("bias",) if bias else ()):
         rows += [(f"attention.qkv.{kind}", f"self_attn.{{q,k,v}}_proj.{kind}", "qkv3"),
-                 (f"attention.proj.{kind}", f"self_attn.o_proj.{kind}", "copy"),
-                 (f"mlp.fc1.{kind}", f"mlp.{{gate,up}}_proj.{kind}", "gate_up"),
-                 (f"mlp.fc2.{kind}", f"mlp.down_proj.{kind}", "copy")]
+                 (f"attention.proj.{kind}", f"self_attn.o_proj.{kind}", "copy")]
+        if arch == "llama":
+            rows += [(f"mlp.fc1.{kind}", f"mlp.{{gate,up}}_proj.{kind}", "gate_up"),
+                     (f"mlp.fc2.{kind}", f"mlp.down_proj.{kind}", "copy")]
+    if arch == "mixtral":
+        rows.append(("mlp.router.weight", "block_sparse_moe.gate.weight", "copy"))
+        for j in range(m["num_experts"]):
+            rows += [(f"mlp.experts.{j}.fc1.weight", f"block_sparse_moe.experts.{j}.{{w1,w3}}.weight", "gate_up"),
+                     (f"mlp.experts.{j}.fc2.weight", f"block_sparse_moe.experts.{j}.w2.weight", "copy")]
     return rows
+
+
+def _pair(name: str) -> list[str]:
+    """``a.{x,y}.b`` -> ``[a.x.b, a.y.b]``."""
+    head, rest = name.split("{", 1)
+    choices, tail = rest.split("}", 1)
+    return [head + c + tail for c in choices.split(",")]
+
+
+def _unfuse_experts(sd: dict) -> dict:
+    """``transformers``' in-memory fused Mixtral experts (``mlp.experts.gate_up_proj [E, 2F, h]``,
+    ``down_proj [E, h, F]``, router ``mlp.gate``) -> the per-expert names of its files."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            p = k.replace("mlp.experts.gate_up_proj", "block_sparse_moe.experts")
+            for j, block in enumerate(v):
+                out[f"{p}.{j}.w1.weight"], out[f"{p}.{j}.w3.weight"] = block.chunk(2)
+        elif k.endswith("mlp.experts.down_proj"):
+            p = k.replace("mlp.experts.down_proj", "block_sparse_moe.experts")
+            out.update({f"{p}.{j}.w2.weight": block for j, block in enumerate(v)})
+        else:
+            out[k.replace("mlp.gate.weight", "block_sparse_moe.gate.weight")] = v
+    return out
 
 
 def _global_map(arch: str, m: dict) -> list[tuple[str, str]]:
@@ -193,6 +256,8 @@ def hf_to_megalite(arch: str, sd: dict, m: dict) -> dict[str, torch.Tensor]:
     """Full megalite tensors from an HF state dict (names with or without the base-model prefix)."""
     base = "transformer." if arch == "gpt2" else "model."
     sd = {(k if k.startswith((base, "lm_head.")) else base + k): v for k, v in sd.items()}
+    if arch == "mixtral":
+        sd = _unfuse_experts(sd)
     used: set[str] = set()
 
     def get(name):
@@ -207,9 +272,9 @@ def hf_to_megalite(arch: str, sd: dict, m: dict) -> dict[str, torch.Tensor]:
         p = f"{_layer_prefix(arch)}.{i}."
         for ours, theirs, how in _layer_map(arch, m):
             if how == "qkv3":
-                t = fuse_qkv(*(get(p + theirs.replace("{q,k,v}", x)) for x in "qkv"), heads, groups)
+                t = fuse_qkv(*(get(p + name) for name in _pair(theirs)), heads, groups)
             elif how == "gate_up":
-                t = torch.cat([get(p + theirs.replace("{gate,up}", x)) for x in ("gate", "up")])
+                t = torch.cat([get(p + name) for name in _pair(theirs)])
             else:
                 t = get(p + theirs)
                 t = t.t() if how in ("t", "qkv_t") else t
@@ -243,11 +308,11 @@ def megalite_to_hf(arch: str, full: dict, m: dict) -> dict[str, torch.Tensor]:
         for ours, theirs, how in _layer_map(arch, m):
             t = get(f"layers.{i}.{ours}")
             if how == "qkv3":
-                for x, part in zip("qkv", split_qkv(t, heads, groups)):
-                    sd[p + theirs.replace("{q,k,v}", x)] = part
+                for name, part in zip(_pair(theirs), split_qkv(t, heads, groups)):
+                    sd[p + name] = part
             elif how == "gate_up":
-                for x, part in zip(("gate", "up"), t.chunk(2, dim=0)):
-                    sd[p + theirs.replace("{gate,up}", x)] = part
+                for name, part in zip(_pair(theirs), t.chunk(2, dim=0)):
+                    sd[p + name] = part
             else:
                 if how in ("qkv", "qkv_t"):
                     t = torch.cat(split_qkv(t, heads, groups))

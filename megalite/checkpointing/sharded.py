@@ -33,7 +33,7 @@ import torch
 
 from ..model import named_global_parameters
 from . import store
-from .format import assemble, shard_for, shard_meta
+from .format import assemble, shard_for, shard_meta, tp_position
 
 FORMAT = 2
 OPTIMIZER_KINDS = ("main", "exp_avg", "exp_avg_sq")
@@ -65,7 +65,7 @@ def snapshot(trainer) -> tuple[dict[str, torch.Tensor], dict[str, list[dict]]]:
             tensors[key] = values.detach().to("cpu", copy=True)
             index.setdefault(name, []).append({
                 "file": fname, "key": key, "kind": kind, "start": start, "end": end,
-                "shape": list(p.shape), **shard_meta(p, ps.tp_rank, ps.tp_size)})
+                "shape": list(p.shape), **shard_meta(p, *tp_position(p, ps))})
     return tensors, index
 
 

@@ -23,11 +23,14 @@ import torch.distributed as dist
 
 from ..model import named_global_parameters
 from . import legacy, sharded, store
+from .format import tp_position
 
 MODEL_FIELDS_THAT_MUST_MATCH = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                 "num_query_groups", "position_embedding_type", "normalization", "swiglu",
-                                "disable_bias_linear", "untie_embeddings_and_output_weights", "openai_gelu")
-MODEL_FIELD_DEFAULTS = {"openai_gelu": False}  # fields added after older checkpoints were written
+                                "disable_bias_linear", "untie_embeddings_and_output_weights", "openai_gelu",
+                                "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
+MODEL_FIELD_DEFAULTS = {"openai_gelu": False, "num_experts": None, "moe_ffn_hidden_size": None,
+                        "moe_shared_expert_intermediate_size": None}  # fields older checkpoints lack
 
 
 def _barrier():
@@ -43,13 +46,23 @@ def _all_gather(obj) -> list:
     return [obj]
 
 
-def _common_state(trainer) -> dict:
+def _moe_state(trainer) -> dict:
+    """Every MoE layer's expert bias (global layer -> values), gathered from all ranks (collective)."""
+    if trainer.moe is None or not trainer.cfg.model.moe_router_enable_expert_bias:
+        return {}
+    merged = {}
+    for biases in _all_gather(trainer.moe.state_dict()):
+        merged.update({str(layer): values for layer, values in biases.items()})
+    return {"moe_expert_bias": merged}
+
+
+def _common_state(trainer, moe: dict) -> dict:
     ps, optimizer = trainer.pstate, trainer.optimizer
     layout = {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size, "cp": ps.cp_size, "world": ps.world_size,
               "chunks": len(trainer.model), "distributed_optimizer": optimizer.distributed}
     return {"format": sharded.FORMAT, **trainer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
             "scaler": optimizer.scaler.state_dict(), "adam_step": optimizer.num_updates,
-            "config": dataclasses.asdict(trainer.cfg), "layout": layout}
+            "config": dataclasses.asdict(trainer.cfg), "layout": layout, **moe}
 
 
 @dataclasses.dataclass
@@ -80,12 +93,13 @@ class Checkpointer:
         ps, it = trainer.pstate, trainer.iteration
         self.saved_iteration = it
         tensors, index = sharded.snapshot(trainer)  # copies: training may go on
+        moe = _moe_state(trainer)
         rng = sharded.rng_state(trainer)
         if ps.rank == 0:
             store.begin(self.root, it)
         _barrier()
-        pending = _Pending(it, store.temp_dir(self.root, it), index, _common_state(trainer) if ps.rank == 0 else None,
-                           None, {})
+        common = _common_state(trainer, moe) if ps.rank == 0 else None
+        pending = _Pending(it, store.temp_dir(self.root, it), index, common, None, {})
 
         def write():
             try:
@@ -188,6 +202,8 @@ def load_checkpoint(trainer, root: str, finetune: bool = False, load_optim: bool
     if not finetune:
         trainer.load_state_dict(common)
         trainer.scheduler.load_state_dict(common["scheduler"])
+        if trainer.moe is not None:
+            trainer.moe.load_state_dict(common.get("moe_expert_bias", {}))
     if load_rng and not finetune:
         _maybe_restore_rng(trainer, directory, manifest, common, reader, log)
     src = common["layout"]
@@ -205,17 +221,16 @@ def _restore_tensors(trainer, reader, common: dict | None) -> None:
     params = dict(named_global_parameters(trainer.model))
     for name, p in params.items():
         with torch.no_grad():
-            p.copy_(reader.local(name, "param", p, ps.tp_rank, ps.tp_size, 0, p.numel()).view_as(p))
+            p.copy_(reader.local(name, "param", p, *tp_position(p, ps), 0, p.numel()).view_as(p))
     if common is None:
         trainer.optimizer.reload_main_params()
         return
     fragments = {}
     for name, (start, end) in trainer.optimizer.fragment_ranges().items():
         p, main = params[name], "main" if reader.has(name, "main") else "param"
-        fragments[name] = {"start": start, "end": end, "main": reader.local(name, main, p, ps.tp_rank, ps.tp_size,
-                                                                            start, end).float(),
-                           **{k: reader.local(name, k, p, ps.tp_rank, ps.tp_size, start, end)
-                              for k in ("exp_avg", "exp_avg_sq")}}
+        tp = tp_position(p, ps)
+        fragments[name] = {"start": start, "end": end, "main": reader.local(name, main, p, *tp, start, end).float(),
+                           **{k: reader.local(name, k, p, *tp, start, end) for k in ("exp_avg", "exp_avg_sq")}}
     trainer.optimizer.load_state_dict({"step": common["adam_step"], "scaler": common["scaler"],
                                        "fragments": fragments})
 

@@ -7,7 +7,9 @@
    stages, so with a reduce-scatter their shards would not line up afterwards);
 2. the data-parallel reduction (sum over ``dp_cp``; the loss was already scaled by 1 / tokens
    of the whole global batch, so a sum gives the mean-over-tokens gradient), finishing the
-   buckets that backward hooks may have started;
+   buckets that backward hooks may have started; MoE expert params sit in a buffer of their
+   own, summed over the expert-data-parallel group ``edp`` (the ranks holding the same expert
+   shard: each already saw every token routed to it from its whole ``tp_ep`` group);
 3. the all-reduce over TP of sequence-parallel params (norms, row-parallel biases), whose
    grads are partial sums over sequence shards.
 """
@@ -47,12 +49,14 @@ def tied_embedding_params(model_chunks, pstate: ParallelState) -> list[torch.nn.
     return params
 
 
-def finalize_model_grads(model_chunks, pstate: ParallelState, buffer: GradBuffer) -> None:
-    """Synchronise grads across the embedding group, DP and (for SP params) TP."""
+def finalize_model_grads(model_chunks, pstate: ParallelState, buffers: GradBuffer | list[GradBuffer]) -> None:
+    """Synchronise grads across the embedding group, DP (expert params: expert DP) and (for
+    SP params) TP."""
     if pstate.in_embedding_group:
         all_reduce_coalesced([p.main_grad for p in tied_embedding_params(model_chunks, pstate)],
                              pstate.embedding_group)
-    buffer.finish_grad_sync()
+    for buffer in buffers if isinstance(buffers, list) else [buffers]:
+        buffer.finish_grad_sync()
     if pstate.tp_size > 1:
         params = [p for chunk in model_chunks for p in chunk.parameters()]
         all_reduce_coalesced([p.main_grad for p in params if getattr(p, "sequence_parallel", False)],

@@ -41,10 +41,15 @@ class GradBuffer:
     """Flat grad/param buffers, buckets and their data-parallel collectives for one rank."""
 
     def __init__(self, model_chunks, dp_group, dp_size: int, bucket_size: int | None = None,
-                 overlap: bool = False, reduce_scatter: bool = False, deferred_params=()):
+                 overlap: bool = False, reduce_scatter: bool = False, deferred_params=(), params=None):
+        """``params``: the subset of the chunks' parameters this buffer holds (default all; MoE
+        models keep expert params in a second buffer, reduced over the expert-data-parallel group)."""
         self.dp_group, self.dp_size = dp_group, dp_size
+        self.dp_rank = dist.get_rank(dp_group) if dp_size > 1 else 0
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
-        params = [p for chunk in model_chunks for p in chunk.parameters() if p.requires_grad]
+        if params is None:
+            params = [p for chunk in model_chunks for p in chunk.parameters()]
+        params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("GradBuffer: the model has no trainable parameters")
         dtypes = {p.dtype for p in params}

@@ -30,15 +30,21 @@ def stage_layer_ranges(num_layers: int, pp_size: int, pp_rank: int,
 
 
 LAYER_RE = re.compile(r"^layers\.(\d+)\.(.*)$")
+EXPERT_RE = re.compile(r"^(mlp\.experts\.)(\d+)\.(.*)$")
 
 
 def global_name(chunk, local_name: str) -> str:
     """``layers.3.mlp.fc1.weight`` of a chunk starting at layer 4 -> ``layers.7.mlp.fc1.weight``:
-    parameter names in the whole model, the same at every TP / PP / VPP layout."""
+    parameter names in the whole model, the same at every TP / PP / VPP / EP layout (local
+    expert ``j`` of expert-parallel rank ``r`` is expert ``r * E / EP + j``)."""
     m = LAYER_RE.match(local_name)
-    if m:
-        return f"layers.{chunk.layer_start + int(m.group(1))}.{m.group(2)}"
-    return local_name
+    if not m:
+        return local_name
+    rest = m.group(2)
+    expert = EXPERT_RE.match(rest)
+    if expert:
+        rest = f"{expert.group(1)}{chunk.expert_offset + int(expert.group(2))}.{expert.group(3)}"
+    return f"layers.{chunk.layer_start + int(m.group(1))}.{rest}"
 
 
 def named_global_parameters(model_chunks):

@@ -22,6 +22,7 @@ from ..tensor_parallel import (VocabParallelEmbedding, checkpoint, init_method_n
 from ..tensor_parallel.random import RNGStatesTracker
 from .context_parallel import local_positions
 from .document_mask import DocumentMask
+from .moe import MoERecorder
 from .transformer import ParallelContext, TransformerLayer, build_norm, rotary_cos_sin
 
 # Offsets of the per-module init seeds (added to the base seed).
@@ -51,6 +52,9 @@ class GPTModel(nn.Module):
         self.layer_end = cfg.num_layers if layer_end is None else layer_end
         self.padded_vocab_size = pad_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, pstate.tp_size)
         self.ctx = ParallelContext(pstate, tracker, sequence_parallel)
+        if cfg.num_experts:
+            self.ctx.moe = MoERecorder()
+            self.expert_offset = pstate.ep_rank * (cfg.num_experts // pstate.ep_size)  # first local expert
         self.input_tensor: torch.Tensor | None = None
         init = init_method_normal(cfg.init_method_std)
         tied = not cfg.untie_embeddings_and_output_weights
@@ -71,7 +75,7 @@ class GPTModel(nn.Module):
         layers = []
         for index in range(self.layer_start, self.layer_end):
             with seeded(seed + _LAYER_SEED + index):
-                layers.append(TransformerLayer(cfg, self.ctx))
+                layers.append(TransformerLayer(cfg, self.ctx, index))
         self.layers = nn.ModuleList(layers)
 
         if post_process:

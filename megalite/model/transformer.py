@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, moe_layer_pattern
 from ..parallel_state import ParallelState
 from ..tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
                                init_method_normal, scaled_init_method_normal)
@@ -25,6 +25,7 @@ from ..tensor_parallel.random import RNGStatesTracker
 from .backends import norm_class
 from .context_parallel import context_parallel_attention
 from .core_attention import core_attention_fn
+from .moe import MoELayer
 
 
 def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
@@ -57,6 +58,7 @@ class ParallelContext:
 
     def __init__(self, pstate: ParallelState, tracker: RNGStatesTracker | None, sequence_parallel: bool = False):
         self.pstate, self.tracker, self.sequence_parallel = pstate, tracker, sequence_parallel
+        self.moe = None  # the chunk's MoERecorder (aux-loss scale in, router statistics out) with experts
 
     def parallel_rng(self):
         """RNG for dropout on sharded activations: per-TP-rank stream when there is one."""
@@ -122,16 +124,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """``fc2(act(fc1(x)))`` with fc1 column-parallel and fc2 row-parallel (GELU or SwiGLU)."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ffn_hidden_size: int | None = None):
         super().__init__()
+        ffn = ffn_hidden_size or cfg.ffn_hidden_size
         self.swiglu = cfg.swiglu
         self.gelu_approximate = "tanh" if cfg.openai_gelu else "none"  # --openai-gelu: GPT-2's gelu_new
         parts = 2 if cfg.swiglu else 1
         common = dict(tp_group=ctx.pstate.tp_group, bias=not cfg.disable_bias_linear,
                       sequence_parallel=ctx.sequence_parallel)
-        self.fc1 = ColumnParallelLinear(cfg.hidden_size, parts * cfg.ffn_hidden_size, parts=parts,
+        self.fc1 = ColumnParallelLinear(cfg.hidden_size, parts * ffn, parts=parts,
                                         init_method=init_method_normal(cfg.init_method_std), **common)
-        self.fc2 = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size,
+        self.fc2 = RowParallelLinear(ffn, cfg.hidden_size,
                                      init_method=scaled_init_method_normal(cfg.init_method_std, cfg.num_layers),
                                      **common)
 
@@ -147,15 +150,21 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: attention and MLP, each added to the residual stream after dropout."""
+    """Pre-norm block: attention and MLP, each added to the residual stream after dropout.
+    The MLP of layer ``layer_number`` (0-based, in the whole model) is a :class:`MoELayer`
+    when ``--num-experts`` is set and ``--moe-layer-freq`` marks it."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, layer_number: int = 0):
         super().__init__()
         self.ctx, self.hidden_dropout = ctx, cfg.hidden_dropout
         self.norm_1 = build_norm(cfg, ctx.sequence_parallel)
         self.attention = Attention(cfg, ctx)
         self.norm_2 = build_norm(cfg, ctx.sequence_parallel)
-        self.mlp = MLP(cfg, ctx)
+        if cfg.num_experts and moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers)[layer_number]:
+            shared = cfg.moe_shared_expert_intermediate_size
+            self.mlp = MoELayer(cfg, ctx, layer_number, MLP(cfg, ctx, shared) if shared else None)
+        else:
+            self.mlp = MLP(cfg, ctx)
 
     def forward(self, x: torch.Tensor, rotary=None, document_mask=None) -> torch.Tensor:
         """One block on ``x [s, b, h]``; ``rotary`` is the (cos, sin) pair with RoPE, else None;

@@ -11,6 +11,10 @@ when the model is fp32, else an fp32 copy) whose ``.grad`` is a view of the fp32
   state and fp32 main weights are 1/DP of the model), then the params are all-gathered.
 
 Adam is elementwise, so updating fragments gives exactly the update of whole parameters.
+
+MoE models have a second buffer for the expert params (reduced and, with the distributed
+optimizer, sharded over the expert-data-parallel group); fragments know their buffer, and the
+grad norm sums each buffer's part over the groups in which its elements are distinct.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ class Fragment:
     main: torch.Tensor
     name: str = ""
     offset: int = 0
+    buffer: GradBuffer | None = None
 
 
 def parameter_fragments(buffer: GradBuffer, dp_rank: int | None) -> list[tuple[torch.nn.Parameter, int, int]]:
@@ -68,28 +73,38 @@ def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 class MixedPrecisionOptimizer:
     """AdamW over fp32 main fragments, with grad unscaling, inf check, global-norm clipping."""
 
-    def __init__(self, model_chunks, buffer: GradBuffer, pstate: ParallelState, *, lr: float,
+    def __init__(self, model_chunks, buffers: GradBuffer | list[GradBuffer], pstate: ParallelState, *, lr: float,
                  weight_decay: float, betas: tuple[float, float], eps: float, clip_grad: float,
                  scaler: LossScaler, distributed: bool = False):
-        self.buffer, self.pstate, self.clip_grad, self.scaler = buffer, pstate, clip_grad, scaler
+        self.buffers = buffers if isinstance(buffers, list) else [buffers]
+        self.buffer, self.pstate, self.clip_grad, self.scaler = self.buffers[0], pstate, clip_grad, scaler
         self.distributed = distributed and pstate.dp_cp_size > 1
+        self.shards = distributed  # (per buffer: sharded when its data-parallel group has > 1 rank)
         decays = {id(p): uses_weight_decay(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()}
         names = {id(p): name for name, p in named_global_parameters(model_chunks)}
-        fp32_model = buffer.param_data.dtype == torch.float32
+        fp32_model = self.buffer.param_data.dtype == torch.float32
         self.fragments = []
-        for p, start, end in parameter_fragments(buffer, pstate.dp_cp_rank if self.distributed else None):
-            main = buffer.param_data[start:end]
-            main = main if fp32_model else main.float()  # fp32 model: update the params in place
-            main.grad = buffer.grad_data[start:end]
-            offset = start - buffer.param_range[id(p)][0]
-            self.fragments.append(Fragment(p, start, end, main, names[id(p)], offset))
+        for buffer in self.buffers:
+            sharded = distributed and buffer.dp_size > 1
+            for p, start, end in parameter_fragments(buffer, buffer.dp_rank if sharded else None):
+                main = buffer.param_data[start:end]
+                main = main if fp32_model else main.float()  # fp32 model: update the params in place
+                main.grad = buffer.grad_data[start:end]
+                offset = start - buffer.param_range[id(p)][0]
+                self.fragments.append(Fragment(p, start, end, main, names[id(p)], offset, buffer))
         groups = [{"params": [f.main for f in self.fragments if decays[id(f.param)]], "weight_decay": weight_decay},
                   {"params": [f.main for f in self.fragments if not decays[id(f.param)]], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
                                            fused=fused_adamw_supported([f.main for f in self.fragments]))
         self.copy_back = not fp32_model
         self._counted = torch.tensor([norm_counted(f.param, pstate.tp_rank) for f in self.fragments],
-                                     dtype=torch.bool, device=buffer.grad_data.device)
+                                     dtype=torch.bool, device=self.buffer.grad_data.device)
+        self._is_expert = torch.tensor([getattr(f.param, "expert", False) for f in self.fragments],
+                                       dtype=torch.bool, device=self.buffer.grad_data.device)
+        # MoE: expert grads are distinct over the expert grid's tp_ep_pp group (+ edp when sharded).
+        self._norm_groups = [[pstate.mp_group] + ([pstate.dp_cp_group] if self.distributed else [])]
+        if "tp_ep_pp" in pstate.groups:  # every rank joins, also a stage without expert params
+            self._norm_groups.append([pstate.tp_ep_pp_group] + ([pstate.edp_group] if distributed else []))
         self.num_updates = 0  # successful steps: Adam's step count (saved in checkpoints)
 
     @property
@@ -104,17 +119,20 @@ class MixedPrecisionOptimizer:
         when any grad on any rank is not finite, also one the norm does not count (a replica on
         another TP rank, the last stage's copy of a tied embedding): a replica with a NaN would
         otherwise be updated with it and drift from its twins."""
-        stats = torch.zeros(2, dtype=torch.float32, device=self.buffer.grad_data.device)
+        # Per part (dense, experts): [sum of squares, non-finite count], each summed over its groups.
+        stats = torch.zeros(len(self._norm_groups), 2, dtype=torch.float32, device=self.buffer.grad_data.device)
         grads = self._grads()
-        if grads:  # one foreach kernel for all the per-tensor norms; [sum of squares, non-finite count]
+        if grads:  # one foreach kernel for all the per-tensor norms (no mask indexing: no host sync)
             norms = torch.stack(torch._foreach_norm(grads))
-            stats = torch.stack([torch.where(self._counted, norms, 0.0).square().sum(),  # (no mask indexing: no sync)
-                                 (~torch.isfinite(norms)).sum().float()])
-        groups = [self.pstate.mp_group] + ([self.pstate.dp_cp_group] if self.distributed else [])
-        for group in groups:
-            if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(stats, group=group)
-        sum_of_squares, nonfinite = stats.tolist()  # one host sync
+            for part in range(len(self._norm_groups)):
+                mine = self._is_expert if part else ~self._is_expert
+                stats[part, 0] = torch.where(self._counted & mine, norms, 0.0).square().sum()
+                stats[part, 1] = (~torch.isfinite(norms) & mine).sum().float()
+        for part, groups in enumerate(self._norm_groups):
+            for group in groups:
+                if group is not None and dist.get_world_size(group) > 1:
+                    dist.all_reduce(stats[part], group=group)
+        sum_of_squares, nonfinite = stats.sum(0).tolist()  # one host sync
         return math.sqrt(sum_of_squares) if nonfinite == 0 else float("nan")
 
     def step(self) -> tuple[bool, float]:
@@ -137,10 +155,11 @@ class MixedPrecisionOptimizer:
         self.optimizer.step()
         self.num_updates += 1
         if self.copy_back and self.fragments:  # fp32 main -> bf16/fp16 params, one foreach call
-            torch._foreach_copy_([self.buffer.param_data[f.start:f.end] for f in self.fragments],
+            torch._foreach_copy_([f.buffer.param_data[f.start:f.end] for f in self.fragments],
                                  [f.main for f in self.fragments])
-        if self.distributed:
-            self.buffer.all_gather_params()
+        if self.shards:
+            for buffer in self.buffers:
+                buffer.all_gather_params()
         return True, norm
 
     def nonfinite_params(self) -> list[torch.nn.Parameter]:
@@ -151,13 +170,13 @@ class MixedPrecisionOptimizer:
     def memory_report(self) -> dict:
         """Bytes this rank holds for params, grads, fp32 main params and Adam state, and per
         parameter of this rank's model (Megatron: 18 B/param for bf16, 6 + 12/DP distributed)."""
-        model_numel = sum(p.numel() for p in self.buffer.params)
+        model_numel = sum(p.numel() for b in self.buffers for p in b.params)
         state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
                     for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         if not self.optimizer.state:  # before the first step: what Adam will allocate
             state = sum(2 * f.main.numel() * 4 for f in self.fragments)
         report = {"params": model_numel * self.buffer.param_data.element_size(),
-                  "grads": self.buffer.grad_data.numel() * self.buffer.grad_data.element_size(),
+                  "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in self.buffers),
                   "main_params": sum(f.main.numel() * 4 for f in self.fragments) if self.copy_back else 0,
                   "optimizer_state": state}
         report["per_param"] = {k: v / model_numel for k, v in list(report.items())}
@@ -186,13 +205,16 @@ class MixedPrecisionOptimizer:
         checkpoint: its fragments with the distributed optimizer; otherwise the same 1/DP
         partition of the grad buffer (every DP rank holds all of the state, so they share the
         writing)."""
-        if self.distributed or self.pstate.dp_cp_size == 1:
-            return self.fragment_ranges()
         names = {id(f.param): f.name for f in self.fragments}
         ranges = {}
-        for p, start, end in parameter_fragments(self.buffer, self.pstate.dp_cp_rank):
-            offset = self.buffer.param_range[id(p)][0]
-            ranges[names[id(p)]] = (start - offset, end - offset)
+        for buffer in self.buffers:
+            if self.shards or buffer.dp_size == 1:
+                ranges.update({f.name: (f.offset, f.offset + f.main.numel())
+                               for f in self.fragments if f.buffer is buffer})
+                continue
+            for p, start, end in parameter_fragments(buffer, buffer.dp_rank):
+                offset = buffer.param_range[id(p)][0]
+                ranges[names[id(p)]] = (start - offset, end - offset)
         return ranges
 
     def load_state_dict(self, state: dict) -> None:
@@ -217,4 +239,4 @@ class MixedPrecisionOptimizer:
         self.optimizer.state.clear()
         with torch.no_grad():
             for f in self.fragments:
-                f.main.copy_(self.buffer.param_data[f.start:f.end])
+                f.main.copy_(f.buffer.param_data[f.start:f.end])

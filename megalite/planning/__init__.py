@@ -5,8 +5,9 @@ is per rank, from a validated :class:`~megalite.config.Config` (``world_size`` s
 real vocabulary size:
 
 * ``flops``: :func:`model_flops_per_iteration` (Megatron's formula; the log line's TFLOP/s, MFU).
-* ``params``: :func:`stage_params`, exact parameter counts of one pipeline rank (per TP shard),
-  and :func:`state_bytes`, weights, grads, fp32 main params and Adam state.
+* ``params``: :func:`stage_params`, exact parameter counts of one pipeline rank (per TP shard;
+  MoE: its EP share of the experts), :func:`total_params` / :func:`active_params` (MoE: the
+  top-k experts a token runs), and :func:`state_bytes`, weights, grads, fp32 main params and Adam state.
 * ``activations``: :func:`layer_activation_bytes` / :func:`stage_activations`, activation
   memory term by term; :func:`korthikanti_layer_bytes`, the paper's formula, for reference.
 * ``layout``: a rank's micro-batch shape, model chunks, in-flight micro-batches, the bubble.
@@ -22,10 +23,11 @@ from .comm import communication
 from .flops import model_flops_per_iteration, num_floating_point_operations
 from .hardware import GiB, Hardware
 from .layout import in_flight_microbatches, local_dims, model_chunks, pipeline_bubble
-from .params import bytes_per_param, layer_params, padded_vocab, stage_params, state_bytes, total_params
+from .params import (active_params, bytes_per_param, layer_params, padded_vocab, stage_params, state_bytes,
+                     total_params)
 from .planner import Plan, plan, search
 
-__all__ = ["GiB", "Hardware", "Plan", "activation_dtype_bytes", "bytes_per_param", "communication",
+__all__ = ["GiB", "Hardware", "Plan", "active_params", "activation_dtype_bytes", "bytes_per_param", "communication",
            "in_flight_microbatches", "korthikanti_layer_bytes", "layer_activation_bytes", "layer_params",
            "local_dims", "model_chunks", "model_flops_per_iteration", "num_floating_point_operations",
            "padded_vocab", "pipeline_bubble", "plan", "search", "stage_activations",

@@ -5,11 +5,13 @@ is in docs/performance.md ("FLOPs and MFU").
 """
 from __future__ import annotations
 
+from ..config import moe_layer_pattern
+
 
 def num_floating_point_operations(*, batch_size: int, seq_length: int, num_layers: int, hidden_size: int,
                                   num_attention_heads: int, num_query_groups: int, ffn_hidden_size: int,
                                   padded_vocab_size: int, swiglu: bool = False, full_recompute: bool = False,
-                                  recompute_fraction: float = 1.0) -> float:
+                                  recompute_fraction: float = 1.0, mlp_term: float | None = None) -> float:
     """Forward + backward matmul FLOPs of one iteration over ``batch_size`` sequences.
 
     ``12 B s L h^2 [ (1 + g/n + s/h) + (ffn/h)(3/2 if SwiGLU) + V / (2 L h) ]``: QKV and output
@@ -18,11 +20,13 @@ def num_floating_point_operations(*, batch_size: int, seq_length: int, num_layer
     matrices per term). With ffn = 4h and no GQA this is Narayanan et al.'s
     ``72 B s L h^2 (1 + s/6h + V/12Lh)``; full recompute adds one more forward of the layers
     (of ``recompute_fraction`` of them: ``--recompute-method block`` checkpoints only some),
-    which turns it into their ``96 B s L h^2 (1 + s/6h + V/16Lh)``.
+    which turns it into their ``96 B s L h^2 (1 + s/6h + V/16Lh)``. ``mlp_term`` replaces the
+    MLP's ``(ffn/h)(3/2 if SwiGLU)`` (MoE models: the mean over layers of what a token runs).
     """
     gated = 1.5 if swiglu else 1.0
-    layers_term = (1 + num_query_groups / num_attention_heads + seq_length / hidden_size) \
-        + (ffn_hidden_size / hidden_size) * gated
+    if mlp_term is None:
+        mlp_term = (ffn_hidden_size / hidden_size) * gated
+    layers_term = (1 + num_query_groups / num_attention_heads + seq_length / hidden_size) + mlp_term
     logits_term = padded_vocab_size / (2 * num_layers * hidden_size)
     base = 12 * batch_size * seq_length * num_layers * hidden_size * hidden_size
     flops = base * (layers_term + logits_term)
@@ -48,4 +52,19 @@ def model_flops_per_iteration(model_cfg, batch_size: int, padded_vocab_size: int
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups or m.num_attention_heads,
         ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size, padded_vocab_size=padded_vocab_size,
         swiglu=m.swiglu, full_recompute=include_recompute and m.recompute_granularity == "full",
-        recompute_fraction=fraction)
+        recompute_fraction=fraction, mlp_term=moe_mlp_term(m))
+
+
+def moe_mlp_term(m) -> float | None:
+    """The MLP term of an MoE model, averaged over its layers (None for a dense model): a token
+    runs ``--moe-router-topk`` experts and the shared expert, plus the router (``2 h E`` FLOPs
+    per token forward, i.e. ``E / 2h`` in units of the formula's ``ffn / h``)."""
+    if not m.num_experts:
+        return None
+    gated = 1.5 if m.swiglu else 1.0
+    dense = (m.ffn_hidden_size or 4 * m.hidden_size) / m.hidden_size * gated
+    routed = ((m.moe_ffn_hidden_size or m.ffn_hidden_size) * m.moe_router_topk
+              + (m.moe_shared_expert_intermediate_size or 0)) / m.hidden_size * gated
+    routed += m.num_experts / (2 * m.hidden_size)
+    pattern = moe_layer_pattern(m.moe_layer_freq, m.num_layers)
+    return sum(routed if moe else dense for moe in pattern) / m.num_layers

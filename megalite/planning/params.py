@@ -1,7 +1,10 @@
 """Parameter counts per pipeline rank, and the bytes of weights, grads and optimizer state.
 
 * :func:`stage_params`: exact parameter counts of one pipeline rank (per TP shard): padded
-  vocabulary, the embedding on the first stage and its tied copy on the last, biases, norms.
+  vocabulary, the embedding on the first stage and its tied copy on the last, biases, norms;
+  MoE layers with their router, this rank's ``E / EP`` experts (split over expert TP) and the
+  shared expert. :func:`total_params` / :func:`active_params`: the whole model, and what one
+  token runs through (the top-k experts of each MoE layer, not all of them).
 * :func:`state_bytes`: weights, grads, fp32 main params and Adam state (Megatron's table:
   18 B/param for bf16, 6 + 12/DP with the distributed optimizer; 16 and 8 + 8/DP for fp32).
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 
-from ..config import Config
+from ..config import Config, moe_layer_pattern
 from ..model import stage_layer_ranges
 from ..tensor_parallel.layers import pad_vocab_size
 
@@ -24,18 +27,39 @@ def _norm_params(m) -> int:
     return 2 * m.hidden_size if m.normalization == "LayerNorm" else m.hidden_size
 
 
-def layer_params(m, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank."""
+def _mlp_params(m, ffn: int, tp: int) -> int:
+    """A dense MLP of hidden size ``ffn`` on one TP rank (fc1 column-, fc2 row-parallel)."""
+    h, bias, parts = m.hidden_size, not m.disable_bias_linear, 2 if m.swiglu else 1
+    return parts * ffn * h // tp + (parts * ffn // tp if bias else 0) + h * ffn // tp + (h if bias else 0)
+
+
+def layer_params(m, tp: int, moe: bool = False, experts: int | None = None, etp: int = 1) -> int:
+    """Parameters of one transformer layer on one TP rank; an MoE layer (``moe``) holds
+    ``experts`` experts (default all) of which each is split over ``etp`` ranks."""
     h, d = m.hidden_size, m.hidden_size // m.num_attention_heads
     bias = not m.disable_bias_linear
     qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d
-    parts = 2 if m.swiglu else 1
     count = 2 * _norm_params(m)
     count += qkv * h // tp + (qkv // tp if bias else 0)                       # column-parallel QKV
     count += h * m.num_attention_heads * d // tp + (h if bias else 0)          # row-parallel proj (bias replicated)
-    count += parts * m.ffn_hidden_size * h // tp + (parts * m.ffn_hidden_size // tp if bias else 0)
-    count += h * m.ffn_hidden_size // tp + (h if bias else 0)
+    if not moe:
+        return count + _mlp_params(m, m.ffn_hidden_size, tp)
+    ffn, parts = m.moe_ffn_hidden_size or m.ffn_hidden_size, 2 if m.swiglu else 1
+    count += m.num_experts * h                                                 # router (replicated)
+    count += (m.num_experts if experts is None else experts) * (parts + 1) * ffn * h // etp  # bias-free experts
+    if m.moe_shared_expert_intermediate_size:
+        count += _mlp_params(m, m.moe_shared_expert_intermediate_size, tp)
     return count
+
+
+def _layers_params(m, p, layers, active: bool = False) -> int:
+    """Parameters of the layers ``layers`` (global indices) on one rank; ``active``: the whole
+    model's top-k experts instead of the rank's share of all of them."""
+    tp = p.tensor_model_parallel_size
+    pattern = moe_layer_pattern(m.moe_layer_freq, m.num_layers) if m.num_experts else [0] * m.num_layers
+    etp = p.expert_tensor_parallel_size or tp
+    experts = m.moe_router_topk if active else (m.num_experts or 0) // p.expert_model_parallel_size
+    return sum(layer_params(m, tp, bool(pattern[i]), experts, 1 if active else etp) for i in layers)
 
 
 def stage_params(cfg: Config, vocab_size: int, pp_rank: int, padded_vocab_size: int | None = None) -> dict[str, int]:
@@ -49,7 +73,7 @@ def stage_params(cfg: Config, vocab_size: int, pp_rank: int, padded_vocab_size: 
     counts = {"embedding": vocab_rows if first else 0,
               "position_embedding": m.max_position_embeddings * m.hidden_size
               if first and m.position_embedding_type == "learned_absolute" else 0,
-              "layers": sum(end - start for start, end in ranges) * layer_params(m, tp),
+              "layers": _layers_params(m, p, [i for start, end in ranges for i in range(start, end)]),
               "final_norm": _norm_params(m) if last else 0,
               # the output layer: its own weight when untied; the tied copy on a last stage that
               # is not also the first (with PP=1 the one embedding serves both)
@@ -61,10 +85,26 @@ def stage_params(cfg: Config, vocab_size: int, pp_rank: int, padded_vocab_size: 
 def total_params(cfg: Config, vocab_size: int) -> int:
     """Parameters of the whole model (vocabulary padded as for this TP size), a tied
     embedding counted once."""
+    return stage_params(_whole(cfg), vocab_size, 0, padded_vocab(cfg, vocab_size))["total"]
+
+
+def active_params(cfg: Config, vocab_size: int) -> int:
+    """Parameters one token runs through: :func:`total_params` with only ``--moe-router-topk``
+    experts of each MoE layer (the same as the total for a dense model)."""
+    whole = _whole(cfg)
+    counts = stage_params(whole, vocab_size, 0, padded_vocab(cfg, vocab_size))
+    m, p = whole.model, whole.parallel
+    every_layer = range(m.num_layers)
+    return counts["total"] - counts["layers"] + _layers_params(m, p, every_layer, active=bool(m.num_experts))
+
+
+def _whole(cfg: Config) -> Config:
+    """``cfg`` on one rank (TP = PP = EP = ETP = 1, no virtual stages)."""
     whole = copy.deepcopy(cfg)
-    whole.parallel.tensor_model_parallel_size, whole.parallel.pipeline_model_parallel_size = 1, 1
-    whole.parallel.num_layers_per_virtual_pipeline_stage = None
-    return stage_params(whole, vocab_size, 0, padded_vocab(cfg, vocab_size))["total"]
+    p = whole.parallel
+    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.expert_model_parallel_size = 1
+    p.expert_tensor_parallel_size, p.num_layers_per_virtual_pipeline_stage = None, None
+    return whole
 
 
 # -- weights, grads, optimizer --------------------------------------------------------------

@@ -12,7 +12,7 @@ from .comm import communication
 from .flops import model_flops_per_iteration
 from .hardware import GiB, Hardware
 from .layout import model_chunks, pipeline_bubble
-from .params import padded_vocab, stage_params, state_bytes, total_params
+from .params import active_params, padded_vocab, stage_params, state_bytes, total_params
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Plan:
     vocab_size: int
     padded_vocab_size: int
     total_params: int
+    active_params: int = 0                              # MoE: what one token runs (top-k experts)
     stages: list[dict] = field(default_factory=list)   # per pipeline rank
     bubble: float = 0.0                                 # bubble time / ideal compute time
     times: dict = field(default_factory=dict)           # seconds per step by part, and "total"
@@ -39,7 +40,7 @@ def plan(cfg: Config, vocab_size: int, hw: Hardware | None = None) -> Plan:
     """Memory per pipeline rank, communication, bubble and estimated step time of ``cfg``."""
     hw = hw or Hardware()
     result = Plan(cfg, vocab_size, padded_vocab(cfg, vocab_size), total_params(cfg, vocab_size),
-                  device_memory=hw.device_memory_gb * GiB)
+                  active_params(cfg, vocab_size), device_memory=hw.device_memory_gb * GiB)
     result.stages = [_stage(cfg, hw, vocab_size, rank) for rank in range(cfg.parallel.pipeline_model_parallel_size)]
     result.bubble = pipeline_bubble(cfg)
     flops = _step_flops(cfg, result.padded_vocab_size)

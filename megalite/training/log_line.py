@@ -6,8 +6,12 @@ import math
 
 def format_iteration_line(iteration: int, train_iters: int, consumed_samples: int, elapsed_ms: float,
                           tflops_per_gpu: float, lr: float, global_batch_size: int, lm_loss: float,
-                          loss_scale: float, grad_norm: float, skipped: int, nan: int) -> str:
-    """`` iteration   10/  100 | consumed samples: ... | number of nan iterations:   0 |``"""
+                          loss_scale: float, grad_norm: float, skipped: int, nan: int,
+                          extra: dict[str, float] | None = None) -> str:
+    """`` iteration   10/  100 | consumed samples: ... | number of nan iterations:   0 |``, then
+    ``extra`` figures (MoE models: ``load_balancing_loss``, ``z_loss``) as `` name: %E |``: after
+    the fixed fields, so that a dense model's line is exactly Megatron's."""
+    tail = "".join(f" {name}: {value:.6E} |" for name, value in (extra or {}).items())
     return (f" iteration {iteration:8d}/{train_iters:8d} |"
             f" consumed samples: {consumed_samples:11d} |"
             f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
@@ -18,7 +22,7 @@ def format_iteration_line(iteration: int, train_iters: int, consumed_samples: in
             f" loss scale: {loss_scale:.1f} |"
             f" grad norm: {grad_norm:.3f} |"
             f" number of skipped iterations: {skipped:3d} |"
-            f" number of nan iterations: {nan:3d} |")
+            f" number of nan iterations: {nan:3d} |" + tail)
 
 
 def format_validation_line(where: str, loss: float) -> str:

@@ -128,12 +128,17 @@ class LogWindow:
 
     def __init__(self, trainer: Trainer, monitor: TrainingMonitor):
         self.trainer, self.monitor = trainer, monitor
-        self.losses, self.seconds, self.iterations = [], 0.0, 0
+        self.losses, self.seconds, self.iterations, self.extra = [], 0.0, 0, {}
+
+    MOE_FIGURES = {"moe_aux_loss": "load_balancing_loss", "moe_z_loss": "z_loss"}  # Megatron-LM's names
 
     def add(self, stats: dict, seconds: float) -> None:
         self.seconds, self.iterations = self.seconds + seconds, self.iterations + 1
         if stats["updated"]:
             self.losses.append(stats["loss"])
+            for key, name in self.MOE_FIGURES.items():  # MoE models: averaged over the window too
+                if key in stats:
+                    self.extra.setdefault(name, []).append(stats[key])
 
     def flush(self, iteration: int, stats: dict) -> None:
         """Print the log line and the progress line (logging rank only); start a new window."""
@@ -144,9 +149,10 @@ class LogWindow:
             loss = sum(self.losses) / len(self.losses) if self.losses else math.nan
             trainer.log(format_iteration_line(iteration, t.train_iters, trainer.consumed_samples, elapsed * 1000.0,
                                               tflops, stats["lr"], t.global_batch_size, loss, stats["loss_scale"],
-                                              stats["grad_norm"], trainer.skipped_iterations, trainer.nan_iterations))
+                                              stats["grad_norm"], trainer.skipped_iterations, trainer.nan_iterations,
+                                              {k: sum(v) / len(v) for k, v in self.extra.items()}))
             trainer.log(self.monitor.progress_line(iteration, elapsed))  # tokens/s, MFU, ETA: a line of its own
-        self.losses, self.seconds, self.iterations = [], 0.0, 0
+        self.losses, self.seconds, self.iterations, self.extra = [], 0.0, 0, {}
 
 
 def _log_memory(trainer: Trainer) -> None:

@@ -134,6 +134,18 @@ def memory_scalars(device: torch.device) -> dict[str, float]:
         return {}
 
 
+def moe_scalars(stats: dict) -> dict[str, float]:
+    """MoE figures of an iteration: aux and z loss, and per layer the tokens each expert got and
+    the max/mean load imbalance."""
+    scalars = {name: stats[key] for key, name in (("moe_aux_loss", "load_balancing_loss"), ("moe_z_loss", "z_loss"),
+                                                  ("moe_load_imbalance", "moe/load-imbalance-max")) if key in stats}
+    for layer, tokens in stats.get("moe_tokens_per_expert", {}).items():
+        mean = sum(tokens) / len(tokens)
+        scalars[f"moe/layer-{layer}/load-max-over-mean"] = max(tokens) / mean if mean else 0.0
+        scalars.update({f"moe/layer-{layer}/tokens-expert-{e}": t for e, t in enumerate(tokens)})
+    return scalars
+
+
 def format_eta(seconds: float) -> str:
     """``H:MM:SS`` (days spelled out past 24 h)."""
     if not math.isfinite(seconds) or seconds < 0:
@@ -181,6 +193,7 @@ class TrainingMonitor:
                    "batch-size": float(self.cfg.training.global_batch_size), "iteration-time": seconds}
         scalars.update(self.rates(seconds))
         scalars.update(memory_scalars(self.device))
+        scalars.update(moe_scalars(stats))
         self._write({k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}, iteration)
 
     def validation(self, iteration: int, loss: float) -> None:

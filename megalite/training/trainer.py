@@ -28,6 +28,7 @@ from ..pipeline_parallel.timeline import Timeline
 from ..planning.flops import model_flops_per_iteration
 from ..tensor_parallel import model_parallel_seed
 from .batches import BatchIterator
+from .moe_stats import MoEStats
 
 
 def model_order(model_chunks, pstate: ParallelState) -> dict[int, tuple[tuple[int, int], str]]:
@@ -63,10 +64,10 @@ class Trainer:
         self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
         # Built in fp32 (so every dtype starts from the same weights), then cast.
         self.model = [chunk.to(device=device, dtype=self.dtype) for chunk in build_model(cfg, pstate, vocab_size, self.tracker)]
-        self.buffer = GradBuffer(self.model, pstate.dp_cp_group, pstate.dp_cp_size, p.ddp_bucket_size,
-                                 overlap=p.overlap_grad_reduce, reduce_scatter=p.use_distributed_optimizer,
-                                 deferred_params=tied_embedding_params(self.model, pstate))
-        self.optimizer = build_optimizer(self.model, self.buffer, pstate, cfg)
+        self.buffers = self._grad_buffers()
+        self.buffer = self.buffers[0]  # the dense params' (expert params, if any, in a second one)
+        self.optimizer = build_optimizer(self.model, self.buffers, pstate, cfg)
+        self.moe = MoEStats(self.model, pstate, cfg) if cfg.model.num_experts else None
         self.scheduler = LRScheduler(t.lr, t.min_lr, t.lr_warmup_iters, t.lr_decay_iters, t.lr_decay_style,
                                      t.lr_wsd_decay_iters, t.lr_wsd_decay_style)
         self.timeline = (Timeline(pstate.rank, pp_size=pstate.pp_size, pp_rank=pstate.pp_rank, vpp_size=len(self.model),
@@ -82,6 +83,21 @@ class Trainer:
         self.skipped_iterations = self.nan_iterations = self.consumed_valid_samples = 0
         self.nan_streak = NonFiniteStreak(model_order(self.model, pstate), t.max_consecutive_nan_iterations,
                                           pstate.rank)
+
+    def _grad_buffers(self) -> list[GradBuffer]:
+        """The dense params' buffer (reduced over DP x CP) and, with MoE, the expert params' one
+        (reduced over the expert-data-parallel group; a stage without MoE layers has none)."""
+        p, ps = self.cfg.parallel, self.pstate
+        params = [q for chunk in self.model for q in chunk.parameters()]
+        common = dict(bucket_size=p.ddp_bucket_size, overlap=p.overlap_grad_reduce,
+                      reduce_scatter=p.use_distributed_optimizer)
+        buffers = [GradBuffer(self.model, ps.dp_cp_group, ps.dp_cp_size, **common,
+                              deferred_params=tied_embedding_params(self.model, ps),
+                              params=[q for q in params if not getattr(q, "expert", False)])]
+        experts = [q for q in params if getattr(q, "expert", False)]
+        if experts:
+            buffers.append(GradBuffer(self.model, ps.edp_group, ps.edp_size, **common, params=experts))
+        return buffers
 
     COUNTERS = ("iteration", "consumed_samples", "consumed_valid_samples", "skipped_iterations", "nan_iterations")
 
@@ -121,12 +137,16 @@ class Trainer:
         lr = self.scheduler.apply(self.optimizer)
         scaler = self.optimizer.scaler
         loss_scale = scaler.scale
-        self.buffer.start_grad_sync(len(microbatches))
+        for buffer in self.buffers:
+            buffer.start_grad_sync(len(microbatches))
+        if self.moe is not None:  # the aux losses' weight: loss scale / micro-batches of the global batch
+            self.moe.start(loss_scale / (len(microbatches) * self.pstate.dp_size))
         start = time.perf_counter()
         loss_sum, tokens = self._run_schedule(microbatches, forward_only=False, loss_scale=loss_scale)
         if self.timeline is not None:  # the span tools/plot_timeline.py cuts the last iteration by
             self.timeline.record("iteration", start, time.perf_counter())
-        finalize_model_grads(self.model, self.pstate, self.buffer)
+        finalize_model_grads(self.model, self.pstate, self.buffers)
+        moe = self.moe.finish() if self.moe is not None else {}
         self.iteration += 1
         nonfinite = False
         if tokens > 0:
@@ -143,12 +163,14 @@ class Trainer:
                          "loss_mask > 0; update skipped")
         if updated:
             self.scheduler.advance()  # as Megatron: a skipped update does not advance the LR schedule
+            if self.moe is not None:
+                self.moe.update_expert_bias(moe)
         self.nan_iterations += nonfinite
         self.nan_streak.record(self.iteration, nonfinite, self.optimizer, self.log)  # may raise
         self.consumed_samples += self.cfg.training.global_batch_size
         self.skipped_iterations += not updated
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "loss_scale": loss_scale, "updated": updated,
-                "tokens": tokens, "nonfinite": nonfinite}
+                "tokens": tokens, "nonfinite": nonfinite, **moe}
 
     @torch.no_grad()
     def evaluate(self, batches: BatchIterator, eval_iters: int) -> float:

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from .validation import check_moe, fill_defaults, moe_layer_pattern, validate  # noqa: F401 (re-exported)
+
 
 def flag(default, help: str, name: str | None = None, **argparse_kwargs):
     """A dataclass field that is also a command-line flag (``--field-name`` unless ``name``)."""
@@ -45,6 +47,33 @@ class ModelConfig:
     use_flash_attn: bool = flag(False, "FlashAttention kernels for core attention (CUDA, fp16/bf16; pip install flash-attn)")
     transformer_impl: str = flag("local", "norm/attention kernels: local (torch) or transformer_engine (CUDA)",
                                  choices=["local", "transformer_engine"])
+    # Mixture of Experts (megalite/model/moe): dropless top-k routing unless a capacity is set.
+    num_experts: int | None = flag(None, "experts per MoE layer (MoE off when unset)")
+    moe_ffn_hidden_size: int | None = flag(None, "hidden size of each expert's MLP (default --ffn-hidden-size)")
+    moe_layer_freq: str = flag("1", "which layers are MoE: every N-th (an int), or a 0/1 list per layer "
+                                    "such as '([0]+[1]*3)*2' or '[0,1,1,1]'")
+    moe_router_topk: int = flag(2, "experts per token")
+    moe_router_score_function: str = flag("softmax", "router scores", choices=["softmax", "sigmoid"])
+    moe_router_pre_softmax: bool = flag(False, "softmax over all experts before the top-k (default: after)")
+    moe_router_load_balancing_type: str = flag("aux_loss", "load-balancing loss (per micro-batch, or per "
+                                               "sequence)", choices=["aux_loss", "seq_aux_loss", "none"])
+    moe_aux_loss_coeff: float = flag(0.0, "weight of the load-balancing loss")
+    moe_z_loss_coeff: float | None = flag(None, "weight of the router z-loss (ST-MoE)")
+    moe_router_enable_expert_bias: bool = flag(False, "aux-loss-free balancing (DeepSeek-V3): a per-expert bias "
+                                                      "on the scores for the choice only (sigmoid scores)")
+    moe_router_bias_update_rate: float = flag(1e-3, "step of the expert-bias update after each iteration")
+    moe_shared_expert_intermediate_size: int | None = flag(None, "hidden size of a shared expert every token "
+                                                                 "goes through (off when unset)")
+    moe_token_dispatcher_type: str = flag("allgather", "token exchange between expert-parallel ranks",
+                                          choices=["allgather", "alltoall"])
+    moe_grouped_gemm: bool = flag(False, "run the local experts as one grouped GEMM (CUDA torch._grouped_mm; "
+                                         "a loop elsewhere)")
+    moe_expert_capacity_factor: float | None = flag(None, "cap each expert at factor x tokens x topk / experts "
+                                                          "(drops tokens; layout-dependent; default dropless)")
+    moe_token_drop_policy: str = flag("probs", "with a capacity: drop the lowest-probability or the latest "
+                                               "tokens", choices=["probs", "position"])
+    moe_pad_expert_input_to_capacity: bool = flag(False, "with a capacity: pad each expert's input to it "
+                                                         "(static shapes)")
 
 
 @dataclass
@@ -57,6 +86,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = flag(False, "shard optimizer state over data-parallel ranks (ZeRO-1)")
     overlap_grad_reduce: bool = flag(False, "overlap the data-parallel grad reduction with backward")
     ddp_bucket_size: int | None = flag(None, "elements per grad-reduction bucket")
+    expert_model_parallel_size: int = flag(1, "expert-parallel size (MoE: experts split over this many ranks)")
+    expert_tensor_parallel_size: int | None = flag(None, "tensor-parallel size of each expert (default TP)")
     pipeline_schedule: str = flag("1f1b", "pipeline schedule (gpipe: all forwards, then all backwards; "
                                   "zb-h1: zero-bubble, backward split into input and weight grads)",
                                   choices=["1f1b", "gpipe", "zb-h1"])
@@ -204,146 +235,3 @@ def parse_args(argv: list[str] | None = None, world_size: int = 1) -> Config:
     except ValueError as e:  # one line naming the flags at fault, without the long usage text
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Fill derived defaults, then raise ValueError naming every inconsistent flag (one message).
-
-    Whether optional packages (flash-attn, transformer-engine, tensorboard, wandb) are installed
-    is checked where they are used (``pretrain_gpt.py``, the backends), not here."""
-    errors = _check_positive(cfg)
-    if errors:
-        raise ValueError("; ".join(errors))
-    p = cfg.parallel
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    if cfg.world_size % (tp * pp * cp):
-        raise ValueError(f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size {tp} "
-                         f"x --pipeline-model-parallel-size {pp} x --context-parallel-size {cp}")
-    fill_defaults(cfg)
-    errors = _check_model(cfg) + _check_parallel(cfg) + _check_training_and_data(cfg) + _check_logging(cfg)
-    if errors:
-        raise ValueError("; ".join(errors))
-
-
-def fill_defaults(cfg: Config) -> None:
-    """Derived defaults: global batch (micro batch x DP), query groups (heads), position table
-    (seq length), FFN size (Megatron's 4h or the SwiGLU 8/3 rule), LR decay iterations."""
-    m, t = cfg.model, cfg.training
-    if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * cfg.data_parallel_size
-    if not m.group_query_attention:
-        m.num_query_groups = m.num_attention_heads
-    if m.max_position_embeddings is None:
-        m.max_position_embeddings = m.seq_length
-    if m.ffn_hidden_size is None:  # Megatron's rule: 4h, or 2/3 of it rounded down to 64 for SwiGLU
-        m.ffn_hidden_size = (max(64, int(4 * m.hidden_size * 2 / 3 / 64) * 64) if m.swiglu
-                             else 4 * m.hidden_size)
-    if t.lr_decay_iters is None:
-        t.lr_decay_iters = t.train_iters
-
-
-def _check_positive(cfg: Config) -> list[str]:
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    values = (("--tensor-model-parallel-size", p.tensor_model_parallel_size),
-              ("--pipeline-model-parallel-size", p.pipeline_model_parallel_size),
-              ("--context-parallel-size", p.context_parallel_size), ("--num-layers", m.num_layers),
-              ("--hidden-size", m.hidden_size), ("--num-attention-heads", m.num_attention_heads),
-              ("--seq-length", m.seq_length), ("--micro-batch-size", t.micro_batch_size),
-              ("--train-iters", t.train_iters), ("--log-interval", cfg.logging.log_interval),
-              ("--max-consecutive-nan-iterations", t.max_consecutive_nan_iterations))
-    return [f"{name} must be >= 1, got {value}" for name, value in values if value < 1]
-
-
-def _check_model(cfg: Config) -> list[str]:
-    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    errors = []
-    if m.hidden_size % m.num_attention_heads:
-        errors.append(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads {m.num_attention_heads}")
-    if m.num_attention_heads % tp:
-        errors.append(f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-                      f"--tensor-model-parallel-size {tp}")
-    if m.group_query_attention:
-        if m.num_query_groups is None:
-            errors.append("--group-query-attention needs --num-query-groups")
-        elif m.num_attention_heads % m.num_query_groups or m.num_query_groups % tp:
-            errors.append(f"--num-query-groups {m.num_query_groups} must divide --num-attention-heads "
-                          f"{m.num_attention_heads} and be divisible by --tensor-model-parallel-size {tp}")
-    if m.position_embedding_type == "learned_absolute" and m.seq_length > m.max_position_embeddings:
-        errors.append(f"--seq-length {m.seq_length} exceeds --max-position-embeddings {m.max_position_embeddings}")
-    if m.recompute_granularity == "full" and m.recompute_method is None:
-        errors.append("--recompute-granularity full needs --recompute-method uniform|block")
-    return errors
-
-
-def _check_parallel(cfg: Config) -> list[str]:
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    errors = []
-    if t.global_batch_size % (t.micro_batch_size * cfg.data_parallel_size):
-        errors.append(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                      f"{t.micro_batch_size} x data-parallel size {cfg.data_parallel_size}")
-    if m.num_layers % pp:
-        errors.append(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-    elif p.num_layers_per_virtual_pipeline_stage is not None:
-        errors += _check_virtual_stages(cfg, batch_ok=not errors)
-    if p.pipeline_schedule == "gpipe" and p.num_layers_per_virtual_pipeline_stage is not None:
-        errors.append("--pipeline-schedule gpipe does not support --num-layers-per-virtual-pipeline-stage "
-                      "(virtual stages use the interleaved 1F1B schedule)")
-    if p.pipeline_schedule == "zb-h1" and pp == 1:
-        errors.append("--pipeline-schedule zb-h1 needs --pipeline-model-parallel-size > 1 (it splits the "
-                      "backward to fill the pipeline bubble; with one stage there is none)")
-    if p.pipeline_schedule == "zb-h1" and p.num_layers_per_virtual_pipeline_stage is not None:
-        errors.append("--pipeline-schedule zb-h1 does not support --num-layers-per-virtual-pipeline-stage "
-                      "(no interleaved zero-bubble schedule: use zb-h1 or the interleaved 1F1B, not both)")
-    if p.sequence_parallel and tp == 1:
-        errors.append("--sequence-parallel requires --tensor-model-parallel-size > 1")
-    if p.sequence_parallel and (m.seq_length // cp) % tp:
-        errors.append(f"--sequence-parallel needs --seq-length {m.seq_length} (per context-parallel rank) "
-                      f"divisible by --tensor-model-parallel-size {tp}")
-    if cp > 1 and m.seq_length % (2 * cp):
-        errors.append(f"--seq-length {m.seq_length} must be divisible by 2 x --context-parallel-size {cp}")
-    return errors
-
-
-def _check_virtual_stages(cfg: Config, batch_ok: bool) -> list[str]:
-    pp, per_virtual = cfg.parallel.pipeline_model_parallel_size, cfg.parallel.num_layers_per_virtual_pipeline_stage
-    per_stage = cfg.model.num_layers // pp
-    if pp < 2:
-        return ["--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1"]
-    if per_stage % per_virtual:
-        return [f"--num-layers {cfg.model.num_layers} / --pipeline-model-parallel-size {pp} = {per_stage} layers "
-                f"per stage is not divisible by --num-layers-per-virtual-pipeline-stage {per_virtual}"]
-    if batch_ok and cfg.num_microbatches % pp:
-        return [f"interleaved pipeline schedule needs the number of micro-batches "
-                f"({cfg.num_microbatches} = global batch / (micro batch x DP)) to be a multiple of "
-                f"--pipeline-model-parallel-size {pp}"]
-    return []
-
-
-def _check_training_and_data(cfg: Config) -> list[str]:
-    t, d = cfg.training, cfg.data
-    errors = []
-    if t.bf16 and t.fp16:
-        errors.append("--bf16 and --fp16 are mutually exclusive")
-    if d.mock_data and d.data_path:
-        errors.append("--mock-data and --data-path are mutually exclusive")
-    if d.data_path and not d.tokenizer_type:
-        errors.append("--data-path needs --tokenizer-type (and its files) to know the vocabulary")
-    if d.data_path and len(d.data_path) > 1 and len(d.data_path) % 2:
-        errors.append(f"--data-path with several datasets takes weight/prefix pairs, got {len(d.data_path)} values")
-    packed = [name for name, on in (("--reset-position-ids", d.reset_position_ids),
-                                    ("--reset-attention-mask", d.reset_attention_mask),
-                                    ("--eod-mask-loss", d.eod_mask_loss)) if on]
-    if d.mock_data and packed:
-        errors.append(f"{' / '.join(packed)} need data with end-of-document tokens; --mock-data has none")
-    return errors
-
-
-def _check_logging(cfg: Config) -> list[str]:
-    lg = cfg.logging
-    errors = []
-    if not lg.wandb_project and (lg.wandb_exp_name or lg.wandb_save_dir):
-        errors.append("--wandb-exp-name / --wandb-save-dir need --wandb-project")
-    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
-        errors.append(f"--peak-tflops must be > 0, got {lg.peak_tflops}")
-    return errors
