@@ -23,12 +23,12 @@ from .comm import communication
 from .flops import model_flops_per_iteration, num_floating_point_operations
 from .hardware import GiB, Hardware
 from .layout import in_flight_microbatches, local_dims, model_chunks, pipeline_bubble
-from .params import (active_params, bytes_per_param, layer_params, padded_vocab, stage_params, state_bytes,
-                     total_params)
+from .params import (active_params, bytes_per_param, layer_params, padded_vocab, stage_expert_params,
+                     stage_params, state_bytes, total_params)
 from .planner import Plan, plan, search
 
 __all__ = ["GiB", "Hardware", "Plan", "active_params", "activation_dtype_bytes", "bytes_per_param", "communication",
            "in_flight_microbatches", "korthikanti_layer_bytes", "layer_activation_bytes", "layer_params",
            "local_dims", "model_chunks", "model_flops_per_iteration", "num_floating_point_operations",
            "padded_vocab", "pipeline_bubble", "plan", "search", "stage_activations",
-           "stage_extra_activation_bytes", "stage_params", "state_bytes", "total_params"]
+           "stage_expert_params", "stage_extra_activation_bytes", "stage_params", "state_bytes", "total_params"]

@@ -82,6 +82,22 @@ def stage_params(cfg: Config, vocab_size: int, pp_rank: int, padded_vocab_size: 
     return counts
 
 
+def stage_expert_params(cfg: Config, pp_rank: int) -> int:
+    """The MoE expert params of pipeline rank ``pp_rank`` (its EP share, one expert-TP shard):
+    the part of :func:`stage_params` whose grads and optimizer state live on the expert-data-
+    parallel group."""
+    m, p = cfg.model, cfg.parallel
+    if not m.num_experts:
+        return 0
+    ranges = stage_layer_ranges(m.num_layers, p.pipeline_model_parallel_size, pp_rank,
+                                p.num_layers_per_virtual_pipeline_stage)
+    pattern = moe_layer_pattern(m.moe_layer_freq, m.num_layers)
+    moe_layers = sum(pattern[i] for start, end in ranges for i in range(start, end))
+    ffn, parts = m.moe_ffn_hidden_size or m.ffn_hidden_size, 2 if m.swiglu else 1
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    return moe_layers * m.num_experts // p.expert_model_parallel_size * (parts + 1) * ffn * m.hidden_size // etp
+
+
 def total_params(cfg: Config, vocab_size: int) -> int:
     """Parameters of the whole model (vocabulary padded as for this TP size), a tied
     embedding counted once."""
@@ -108,17 +124,23 @@ def _whole(cfg: Config) -> Config:
 
 
 # -- weights, grads, optimizer --------------------------------------------------------------
-def state_bytes(num_params: int, cfg: Config) -> dict[str, float]:
+def state_bytes(num_params: int, cfg: Config, expert_params: int = 0) -> dict[str, float]:
     """Bytes of a rank holding ``num_params`` params: weights, grads, main params, Adam state.
 
     Grads are fp32 (the grad buffer); with bf16/fp16 the optimizer keeps fp32 main params.
     The distributed optimizer shards main params and Adam over the ``dp x cp`` ranks (each
-    holds ``ceil(P / DP)`` elements of the padded buffer).
+    holds ``ceil(P / DP)`` elements of the padded buffer); the ``expert_params`` among them
+    (:func:`stage_expert_params`) over the expert-data-parallel ranks instead.
     """
     t, p = cfg.training, cfg.parallel
     half = t.bf16 or t.fp16
     dp = cfg.data_parallel_size * p.context_parallel_size
-    shard = math.ceil(num_params / dp) if p.use_distributed_optimizer and dp > 1 else num_params
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    edp = cfg.world_size // (etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size)
+    dense = num_params - expert_params
+    shard = num_params
+    if p.use_distributed_optimizer:
+        shard = math.ceil(dense / dp) + (math.ceil(expert_params / edp) if expert_params else 0)
     out = {"weights": (2 if half else 4) * num_params, "grads": 4 * num_params,
            "main_params": 4 * shard if half else 0, "optimizer": 8 * shard}
     out["total"] = sum(out.values())

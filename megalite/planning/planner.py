@@ -12,7 +12,7 @@ from .comm import communication
 from .flops import model_flops_per_iteration
 from .hardware import GiB, Hardware
 from .layout import model_chunks, pipeline_bubble
-from .params import active_params, padded_vocab, stage_params, state_bytes, total_params
+from .params import active_params, padded_vocab, stage_expert_params, stage_params, state_bytes, total_params
 
 
 @dataclass
@@ -58,7 +58,7 @@ def plan(cfg: Config, vocab_size: int, hw: Hardware | None = None) -> Plan:
 def _stage(cfg: Config, hw: Hardware, vocab_size: int, rank: int) -> dict:
     """Parameters, state, activations, communication and memory of pipeline rank ``rank``."""
     params = stage_params(cfg, vocab_size, rank)
-    state = state_bytes(params["total"], cfg)
+    state = state_bytes(params["total"], cfg, stage_expert_params(cfg, rank))
     acts = stage_activations(cfg, hw, vocab_size, rank)
     comm = communication(cfg, hw, vocab_size, params["total"], rank)
     return {"pp_rank": rank, "params": params, "state": state, "activations": acts,
