@@ -75,13 +75,8 @@ class MoEBlock(reference_gpt.Block):
         del self.c_fc, self.mlp_proj
         self.moe = ReferenceMoE(hidden, ffn, num_experts, topk)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, h = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(h, dim=2)
-        q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, s, h))
-        return x + self.moe(self.ln_2(x))
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x)
 
 
 class ReferenceMoEGPT(reference_gpt.ReferenceGPT):

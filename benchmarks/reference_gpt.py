@@ -37,12 +37,18 @@ class Block(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(h, dim=2)
+        q, k, v = self.c_attn(x).split(h, dim=2)
         q, k, v = (t.view(b, s, self.heads, h // self.heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, s, h))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, s, h))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_proj(F.gelu(self.c_fc(x)))
 
 
 class ReferenceGPT(nn.Module):

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .validation import check_moe, fill_defaults, moe_layer_pattern, validate  # noqa: F401 (re-exported)
+from .validation import fill_defaults, moe_layer_pattern, validate  # noqa: F401 (re-exported)
 
 
 def flag(default, help: str, name: str | None = None, **argparse_kwargs):

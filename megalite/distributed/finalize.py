@@ -49,13 +49,13 @@ def tied_embedding_params(model_chunks, pstate: ParallelState) -> list[torch.nn.
     return params
 
 
-def finalize_model_grads(model_chunks, pstate: ParallelState, buffers: GradBuffer | list[GradBuffer]) -> None:
+def finalize_model_grads(model_chunks, pstate: ParallelState, buffers: list[GradBuffer]) -> None:
     """Synchronise grads across the embedding group, DP (expert params: expert DP) and (for
     SP params) TP."""
     if pstate.in_embedding_group:
         all_reduce_coalesced([p.main_grad for p in tied_embedding_params(model_chunks, pstate)],
                              pstate.embedding_group)
-    for buffer in buffers if isinstance(buffers, list) else [buffers]:
+    for buffer in buffers:
         buffer.finish_grad_sync()
     if pstate.tp_size > 1:
         params = [p for chunk in model_chunks for p in chunk.parameters()]

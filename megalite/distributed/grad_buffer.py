@@ -1,7 +1,8 @@
 """Contiguous gradient (and parameter) buffers split into buckets for data-parallel reduction.
 
-Every parameter of this rank's model chunks gets a slice of one flat fp32 gradient buffer
-(``param.main_grad``) and of one flat parameter buffer (``param.data`` is re-pointed into it).
+Every parameter the buffer holds (a rank's model chunks; MoE experts in a second buffer) gets
+a slice of one flat fp32 gradient buffer (``param.main_grad``) and of one flat parameter
+buffer (``param.data`` is re-pointed into it).
 Parameters are laid out in reverse order, roughly the order backward produces their grads,
 and grouped into buckets of about ``bucket_size`` elements, each padded to a multiple of the
 data-parallel size so that it splits into equal per-rank shards.
@@ -40,15 +41,14 @@ class Bucket:
 class GradBuffer:
     """Flat grad/param buffers, buckets and their data-parallel collectives for one rank."""
 
-    def __init__(self, model_chunks, dp_group, dp_size: int, bucket_size: int | None = None,
-                 overlap: bool = False, reduce_scatter: bool = False, deferred_params=(), params=None):
-        """``params``: the subset of the chunks' parameters this buffer holds (default all; MoE
-        models keep expert params in a second buffer, reduced over the expert-data-parallel group)."""
+    def __init__(self, params, dp_group, dp_size: int, bucket_size: int | None = None,
+                 overlap: bool = False, reduce_scatter: bool = False, deferred_params=()):
+        """``params``: the parameters this buffer holds, in model order (all of a rank's model
+        chunks; MoE models keep the expert params in a second buffer, reduced over the
+        expert-data-parallel group)."""
         self.dp_group, self.dp_size = dp_group, dp_size
         self.dp_rank = dist.get_rank(dp_group) if dp_size > 1 else 0
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
-        if params is None:
-            params = [p for chunk in model_chunks for p in chunk.parameters()]
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("GradBuffer: the model has no trainable parameters")
@@ -142,8 +142,7 @@ class GradBuffer:
         return bucket.start + dp_rank * shard, bucket.start + (dp_rank + 1) * shard
 
     def shard(self, bucket: Bucket, data: torch.Tensor, dp_rank: int | None = None) -> torch.Tensor:
-        rank = dist.get_rank(self.dp_group) if dp_rank is None and self.dp_size > 1 else (dp_rank or 0)
-        start, end = self.shard_range(bucket, rank)
+        start, end = self.shard_range(bucket, self.dp_rank if dp_rank is None else dp_rank)
         return data[start:end]
 
     def all_gather_params(self) -> None:

@@ -22,6 +22,7 @@ from ..parallel_state import ParallelState
 from ..tensor_parallel import (ColumnParallelLinear, RowParallelLinear, checkpoint,
                                init_method_normal, scaled_init_method_normal)
 from ..tensor_parallel.random import RNGStatesTracker
+from .activations import mlp_activation
 from .backends import norm_class
 from .context_parallel import context_parallel_attention
 from .core_attention import core_attention_fn
@@ -140,13 +141,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [s, b, h]`` -> ``[s, b, h]``; the intermediate activation is split over TP."""
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.fc2(h)
+        return self.fc2(mlp_activation(self.fc1(x), self.swiglu, self.gelu_approximate))
 
 
 class TransformerLayer(nn.Module):

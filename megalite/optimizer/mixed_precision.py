@@ -73,19 +73,21 @@ def uses_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
 class MixedPrecisionOptimizer:
     """AdamW over fp32 main fragments, with grad unscaling, inf check, global-norm clipping."""
 
-    def __init__(self, model_chunks, buffers: GradBuffer | list[GradBuffer], pstate: ParallelState, *, lr: float,
+    def __init__(self, model_chunks, buffers: list[GradBuffer], pstate: ParallelState, *, lr: float,
                  weight_decay: float, betas: tuple[float, float], eps: float, clip_grad: float,
                  scaler: LossScaler, distributed: bool = False):
-        self.buffers = buffers if isinstance(buffers, list) else [buffers]
-        self.buffer, self.pstate, self.clip_grad, self.scaler = self.buffers[0], pstate, clip_grad, scaler
+        self.buffers, self.buffer = buffers, buffers[0]  # (the dense params' buffer first)
+        self.pstate, self.clip_grad, self.scaler = pstate, clip_grad, scaler
         self.distributed = distributed and pstate.dp_cp_size > 1
-        self.shards = distributed  # (per buffer: sharded when its data-parallel group has > 1 rank)
+        # With the distributed optimizer, each buffer whose data-parallel group has > 1 rank is
+        # sharded over it (the expert buffer over EDP, which may be 1 where DP x CP is not).
+        self.sharded_buffers = [b for b in buffers if distributed and b.dp_size > 1]
         decays = {id(p): uses_weight_decay(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()}
         names = {id(p): name for name, p in named_global_parameters(model_chunks)}
         fp32_model = self.buffer.param_data.dtype == torch.float32
         self.fragments = []
         for buffer in self.buffers:
-            sharded = distributed and buffer.dp_size > 1
+            sharded = buffer in self.sharded_buffers
             for p, start, end in parameter_fragments(buffer, buffer.dp_rank if sharded else None):
                 main = buffer.param_data[start:end]
                 main = main if fp32_model else main.float()  # fp32 model: update the params in place
@@ -157,9 +159,8 @@ class MixedPrecisionOptimizer:
         if self.copy_back and self.fragments:  # fp32 main -> bf16/fp16 params, one foreach call
             torch._foreach_copy_([f.buffer.param_data[f.start:f.end] for f in self.fragments],
                                  [f.main for f in self.fragments])
-        if self.shards:
-            for buffer in self.buffers:
-                buffer.all_gather_params()
+        for buffer in self.sharded_buffers:
+            buffer.all_gather_params()
         return True, norm
 
     def nonfinite_params(self) -> list[torch.nn.Parameter]:
@@ -208,7 +209,7 @@ class MixedPrecisionOptimizer:
         names = {id(f.param): f.name for f in self.fragments}
         ranges = {}
         for buffer in self.buffers:
-            if self.shards or buffer.dp_size == 1:
+            if buffer in self.sharded_buffers or buffer.dp_size == 1:
                 ranges.update({f.name: (f.offset, f.offset + f.main.numel())
                                for f in self.fragments if f.buffer is buffer})
                 continue

@@ -20,7 +20,7 @@ from ..optimizer.nonfinite import NonFiniteGradientsError
 from ..parallel_state import ParallelState
 from .batches import BatchIterator
 from .log_line import format_iteration_line, format_validation_line
-from .monitoring import TrainingMonitor
+from .monitoring import MOE_LOSS_NAMES, TrainingMonitor
 from .stop import StopConditions
 from .trainer import Trainer
 
@@ -130,13 +130,11 @@ class LogWindow:
         self.trainer, self.monitor = trainer, monitor
         self.losses, self.seconds, self.iterations, self.extra = [], 0.0, 0, {}
 
-    MOE_FIGURES = {"moe_aux_loss": "load_balancing_loss", "moe_z_loss": "z_loss"}  # Megatron-LM's names
-
     def add(self, stats: dict, seconds: float) -> None:
         self.seconds, self.iterations = self.seconds + seconds, self.iterations + 1
         if stats["updated"]:
             self.losses.append(stats["loss"])
-            for key, name in self.MOE_FIGURES.items():  # MoE models: averaged over the window too
+            for key, name in MOE_LOSS_NAMES.items():  # MoE models: averaged over the window too
                 if key in stats:
                     self.extra.setdefault(name, []).append(stats[key])
 

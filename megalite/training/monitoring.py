@@ -134,11 +134,15 @@ def memory_scalars(device: torch.device) -> dict[str, float]:
         return {}
 
 
+# The MoE losses of Trainer.train_step's stats under Megatron-LM's names (log line, TensorBoard).
+MOE_LOSS_NAMES = {"moe_aux_loss": "load_balancing_loss", "moe_z_loss": "z_loss"}
+
+
 def moe_scalars(stats: dict) -> dict[str, float]:
     """MoE figures of an iteration: aux and z loss, and per layer the tokens each expert got and
     the max/mean load imbalance."""
-    scalars = {name: stats[key] for key, name in (("moe_aux_loss", "load_balancing_loss"), ("moe_z_loss", "z_loss"),
-                                                  ("moe_load_imbalance", "moe/load-imbalance-max")) if key in stats}
+    names = {**MOE_LOSS_NAMES, "moe_load_imbalance": "moe/load-imbalance-max"}
+    scalars = {name: stats[key] for key, name in names.items() if key in stats}
     for layer, tokens in stats.get("moe_tokens_per_expert", {}).items():
         mean = sum(tokens) / len(tokens)
         scalars[f"moe/layer-{layer}/load-max-over-mean"] = max(tokens) / mean if mean else 0.0

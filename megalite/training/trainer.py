@@ -91,12 +91,11 @@ class Trainer:
         params = [q for chunk in self.model for q in chunk.parameters()]
         common = dict(bucket_size=p.ddp_bucket_size, overlap=p.overlap_grad_reduce,
                       reduce_scatter=p.use_distributed_optimizer)
-        buffers = [GradBuffer(self.model, ps.dp_cp_group, ps.dp_cp_size, **common,
-                              deferred_params=tied_embedding_params(self.model, ps),
-                              params=[q for q in params if not getattr(q, "expert", False)])]
+        buffers = [GradBuffer([q for q in params if not getattr(q, "expert", False)], ps.dp_cp_group,
+                              ps.dp_cp_size, **common, deferred_params=tied_embedding_params(self.model, ps))]
         experts = [q for q in params if getattr(q, "expert", False)]
         if experts:
-            buffers.append(GradBuffer(self.model, ps.edp_group, ps.edp_size, **common, params=experts))
+            buffers.append(GradBuffer(experts, ps.edp_group, ps.edp_size, **common))
         return buffers
 
     COUNTERS = ("iteration", "consumed_samples", "consumed_valid_samples", "skipped_iterations", "nan_iterations")

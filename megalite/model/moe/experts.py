@@ -15,6 +15,7 @@ from torch import nn
 
 from ...tensor_parallel import init_method_normal, scaled_init_method_normal
 from ...tensor_parallel.layers import _sharded_parameter
+from ..activations import mlp_activation
 
 
 class ExpertLinear(nn.Module):
@@ -46,13 +47,7 @@ class ExpertMLP(nn.Module):
                                                    torch.float32, None), etp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self.gelu_approximate)
-        return self.fc2(h)
+        return self.fc2(mlp_activation(self.fc1(x), self.swiglu, self.gelu_approximate))
 
 
 class LocalExperts(nn.ModuleList):
@@ -102,12 +97,7 @@ class LocalExperts(nn.ModuleList):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         fc1 = torch.stack([e.fc1.weight for e in self]).transpose(1, 2)  # [E_local, h, ffn(x2)]
         fc2 = torch.stack([e.fc2.weight for e in self]).transpose(1, 2)  # [E_local, ffn, h]
-        h = torch._grouped_mm(rows, fc1, offs=offsets)
-        if self[0].swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate=self[0].gelu_approximate)
+        h = mlp_activation(torch._grouped_mm(rows, fc1, offs=offsets), self[0].swiglu, self[0].gelu_approximate)
         return torch._grouped_mm(h, fc2, offs=offsets)
 
 
