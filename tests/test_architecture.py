@@ -17,7 +17,7 @@ FLOORS = {
     "data": 2, "model": 2, "pipeline_parallel": 2, "distributed": 2,
     "optimizer": 3,
     "checkpointing": 4, "planning": 4,
-    "training": 5,
+    "training": 5, "interop": 5,
 }
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 

@@ -15,7 +15,8 @@ from equivalence import run_layout as train
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from megalite.checkpointing import convert as mc, hf as hc  # noqa: E402
+from megalite.checkpointing import convert as mc  # noqa: E402
+from megalite.interop import hf as hc  # noqa: E402
 from tools.convert_checkpoint import main as convert  # noqa: E402
 
 VOCAB, SEQ = 100, 16

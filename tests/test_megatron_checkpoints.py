@@ -37,7 +37,9 @@ from distributed_helper import run_distributed
 from megatron_checkpoint_worker import CONFIGS, DIVISIBLE, ITERATION, PADDED, TOLERANCE, VOCAB, megatron_worker, \
     model_config, tokens
 
-from megalite.checkpointing import convert as mc, megatron as mm, megatron_dist as md, megatron_io as mio
+from megalite.checkpointing import convert as mc
+from megalite.interop import megatron as mm
+from megalite.interop.megatron import legacy as mio, torch_dist as md
 from tools.convert_checkpoint import main as convert
 
 pytestmark = pytest.mark.filterwarnings("ignore:Transformer Engine and Apex are not installed:UserWarning")

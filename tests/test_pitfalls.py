@@ -476,7 +476,7 @@ def test_conversion_verify_catches_a_wrong_layout(tmp_path, monkeypatch, capsys)
     """--verify is a real check: the correct GQA layout passes, K and V swapped in the fused
     QKV (the classic layout slip) fails the conversion instead of writing a silently wrong model."""
     pytest.importorskip("transformers")
-    from megalite.checkpointing import hf as hf_conversion
+    from megalite.interop import hf as hf_conversion
     from tools.convert_checkpoint import main as convert
 
     hf = _tiny_llama(str(tmp_path / "hf"))

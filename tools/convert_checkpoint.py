@@ -53,8 +53,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megalite.checkpointing import convert as mc, hf as hc  # noqa: E402
-from megalite.checkpointing import megatron as mm, megatron_io as mio  # noqa: E402
+from megalite.checkpointing import convert as mc  # noqa: E402
+from megalite.interop import hf as hc, megatron as mm  # noqa: E402
+from megalite.interop.megatron import legacy as mio  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

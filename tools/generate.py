@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megalite.checkpointing import convert as mc, hf as hc  # noqa: E402
+from megalite.checkpointing import convert as mc  # noqa: E402
+from megalite.interop import hf as hc  # noqa: E402
 from megalite.config import Config, DataConfig  # noqa: E402
 from megalite.tensor_parallel import gather_from_tensor_parallel  # noqa: E402
 

@@ -1,8 +1,7 @@
 """Checkpoints: the directory protocol (:mod:`.store`), the sharded format (:mod:`.sharded`; the
 older one is read by :mod:`.legacy`), TP shard metadata (:mod:`.format`), saving and loading a
-trainer (:mod:`.training_state`), model-only checkpoints from full tensors (:mod:`.convert`),
-the Hugging Face mapping (:mod:`.hf`) and Megatron-LM's checkpoints (:mod:`.megatron` names and
-flags, :mod:`.megatron_io` legacy files, :mod:`.megatron_dist` torch_dist)."""
+trainer (:mod:`.training_state`) and model-only checkpoints from full tensors (:mod:`.convert`,
+what the converters of :mod:`megalite.interop` read and write)."""
 from .store import TRACKER, iteration_dir, read_tracker
 from .training_state import Checkpointer, load_checkpoint, save_checkpoint
 

@@ -1,6 +1,6 @@
 """Megatron-LM checkpoints on disk: finding them, the legacy format (``--ckpt-format torch``),
 and :func:`read_megatron_checkpoint` / :func:`write_megatron_checkpoint` for both formats
-(``torch_dist`` itself is :mod:`.megatron_dist`).
+(``torch_dist`` itself is :mod:`.torch_dist`).
 
 Legacy layout (Megatron-LM ``training/checkpointing.py``)::
 
@@ -13,7 +13,7 @@ each file ``{"args": argparse.Namespace, "checkpoint_version": 3.0, "iteration":
 pipeline stages; ``optimizer``, ``opt_param_scheduler``, ``rng_state``... are not read). Layer
 indices are local to a model chunk: pipeline stages are put back in order, and chunk ``v`` of
 pipeline rank ``r`` is virtual stage ``v * PP + r``. Every file is loaded with
-:func:`.megatron_dist.safe_load`: nothing in it runs.
+:func:`.torch_dist.safe_load`: nothing in it runs.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import re
 
 import torch
 
-from . import store
-from .hf import ConversionError
-from .megatron_dist import CHECKPOINT_VERSION, read_torch_dist, safe_load, write_torch_dist
-from .megatron import (EXTRA_STATE_MODULES, LAYER_PREFIX, TE_EXTRA_STATE_MODULES, merge_tp, split_layer_name,
+from ...checkpointing import store
+from .. import ConversionError
+from .torch_dist import CHECKPOINT_VERSION, read_torch_dist, safe_load, write_torch_dist
+from . import (EXTRA_STATE_MODULES, LAYER_PREFIX, TE_EXTRA_STATE_MODULES, merge_tp, split_layer_name,
                        split_tp, transformer_engine_names)
 
 CHECKPOINT_FILE = "model_optim_rng.pt"

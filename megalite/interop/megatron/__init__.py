@@ -1,7 +1,7 @@
 """Megatron-LM (megatron-core GPTModel) <-> megalite: model flags, tensor names and TP layouts, on CPU.
 
 Everything here works on *full* tensors keyed by names; reading and writing Megatron's files is
-:mod:`.megatron_io` (the legacy ``mp_rank_*`` format) and :mod:`.megatron_dist` (``torch_dist``).
+:mod:`.legacy` (the legacy ``mp_rank_*`` format) and :mod:`.torch_dist` (``torch_dist``).
 
 A *Megatron full* state dict is megatron-core's ``GPTModel`` state dict with every tensor-parallel
 shard merged (the TP=1 tensor), global layer indices (``decoder.layers.{i}`` counts over the whole
@@ -22,8 +22,8 @@ import types
 
 import torch
 
-from .format import assemble, shard_for
-from .hf import ConversionError
+from ...checkpointing.format import assemble, shard_for
+from .. import ConversionError
 
 # (megalite layer suffix, megatron-core local-spec suffix, Transformer-Engine-spec suffix)
 LAYER_NAMES = [

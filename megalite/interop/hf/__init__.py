@@ -1,6 +1,6 @@
 """Hugging Face GPT-2 / Llama / Mixtral <-> megalite: configs, tensor names and layouts, on CPU.
 
-Everything here works on *full* tensors (the TP=1, unpadded layout of checkpointing/format.py)
+Everything here works on *full* tensors (the TP=1, unpadded layout of megalite/checkpointing/format.py)
 keyed by megalite's global names; no training model is built. The name mapping is
 :func:`_global_map` / :func:`_layer_map` (table in docs/checkpoints.md). Layout differences:
 megalite fuses QKV rows per key/value group ``[q_1..q_k, k, v]`` (HF GPT-2: one Conv1D
@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import ConversionError
+
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # HF tensors that are buffers of older checkpoints, not weights: dropped on the way in.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
-
-
-class ConversionError(ValueError):
-    """A config or checkpoint that cannot be converted (one message naming the field)."""
 
 
 # -- configs -------------------------------------------------------------------------------

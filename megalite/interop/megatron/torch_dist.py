@@ -42,9 +42,9 @@ import warnings
 
 import torch
 
-from . import store
-from .hf import ConversionError
-from .megatron import (EXTRA_STATE_MODULES, LAYER_PREFIX, split_layer_name, transformer_engine_names)
+from ...checkpointing import store
+from .. import ConversionError
+from . import (EXTRA_STATE_MODULES, LAYER_PREFIX, split_layer_name, transformer_engine_names)
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
            "common_backend_version": 1}
