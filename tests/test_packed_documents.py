@@ -107,10 +107,10 @@ def test_packed_documents_equal_each_document_alone(options, chunk, monkeypatch)
     the packed batch equals the sum of the documents' gradients. ``chunk``: queries per SDPA
     call of the CPU path (the default 256 makes one chunk of these 32 tokens)."""
     from megalite.data.document_masks import ltor_masks_and_position_ids
-    from megalite.model import core_attention
+    from megalite.model import document_attention
 
     if chunk:
-        monkeypatch.setattr(core_attention, "DOCUMENT_QUERY_CHUNK", chunk)
+        monkeypatch.setattr(document_attention, "DOCUMENT_QUERY_CHUNK", chunk)
     model = _model(**options)
     samples = np.stack([_stream(10, 33), _stream(11, 33)])
     fields = [ltor_masks_and_position_ids(s[:-1], EOD, True, True, True) for s in samples]
@@ -165,7 +165,7 @@ def test_chunked_and_varlen_attention_equal_the_whole_mask():
     kernels take (checked with a reference kernel written here) give the whole-mask attention's
     output and q/k/v grads, for chunks that split documents and key ranges that differ."""
     from megalite.data.document_masks import document_ids
-    from megalite.model.core_attention import chunked_document_attention, varlen_attention
+    from megalite.model.document_attention import chunked_document_attention, varlen_attention
     from megalite.model.document_mask import DocumentMask
 
     torch.manual_seed(0)

@@ -14,7 +14,11 @@ each attention kernel the form it needs, built at most once and shared by every 
   activations' dtype, broadcast over the heads), for SDPA on CUDA and under context parallelism;
 * :meth:`DocumentMask.varlen`: ``cu_seqlens`` (int32 starts of every document of every sample,
   laid end to end) for variable-length kernels (flash-attn's ``flash_attn_varlen_func``, torch's
-  ``varlen_attn`` on CUDA).
+  ``varlen_attn`` on CUDA);
+* :meth:`DocumentMask.memo`: any other form, built by its kernel's module once per micro-batch
+  (FlexAttention's block mask, :func:`.document_attention.flex_block_mask`).
+
+Which kernel takes which form, when: :mod:`.document_attention`.
 
 Under context parallelism the ids are cut with the CP chunks like the tokens (the load balance
 is unchanged); :meth:`DocumentMask.for_stage` all-gathers them over the CP group once per
@@ -45,6 +49,7 @@ class DocumentMask:
         self._additive: dict[torch.dtype, torch.Tensor] = {}
         self._chunks: dict[tuple[int, torch.dtype], list] = {}
         self._varlen: tuple[torch.Tensor, int] | None = None
+        self._memo: dict = {}
 
     @classmethod
     def for_stage(cls, document_ids: torch.Tensor | None, pstate) -> "DocumentMask | None":
@@ -115,6 +120,12 @@ class DocumentMask:
             end = torch.tensor([b * s], device=first.device, dtype=first.dtype)
             self._varlen = (torch.cat([first, end]).to(torch.int32), s)
         return self._varlen
+
+    def memo(self, key, build):
+        """``build()``, called once per ``key`` for this micro-batch and then shared (by every layer)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def _document_starts(self) -> torch.Tensor:
         """``[b, s]`` bool: True where a document begins (each sample's first token, and the

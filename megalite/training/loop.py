@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..checkpointing import Checkpointer, load_checkpoint
 from ..config import Config
+from ..model import document_attention
 from ..optimizer.nonfinite import NonFiniteGradientsError
 from ..parallel_state import ParallelState
 from .batches import BatchIterator
@@ -66,6 +67,7 @@ def train(trainer: Trainer, datasets) -> list[dict]:
     checkpoint is written during such a streak."""
     cfg, lg = trainer.cfg, trainer.cfg.logging
     _log_memory(trainer)
+    _log_document_attention(trainer)
     if lg.load:
         load_checkpoint(trainer, lg.load, finetune=lg.finetune, load_optim=not lg.no_load_optim,
                         load_rng=not lg.no_load_rng, log=trainer.log)
@@ -161,6 +163,13 @@ def _log_memory(trainer: Trainer) -> None:
             f" | total {sum(report['per_param'].values()):.2f}"
             + (f" (distributed optimizer over {trainer.pstate.dp_cp_size} ranks)"
                if trainer.optimizer.distributed else ""))
+
+
+def _log_document_attention(trainer: Trainer) -> None:
+    """With --reset-attention-mask: one line saying which attention kernel the documents take, and why."""
+    if trainer.cfg.data.reset_attention_mask and trainer.pstate.rank == 0:
+        trainer.log(document_attention.startup_line(trainer.cfg.model, trainer.device, trainer.dtype,
+                                                    trainer.pstate.cp_size))
 
 
 def _batch_iterators(trainer: Trainer, datasets) -> tuple[BatchIterator, BatchIterator | None]:
