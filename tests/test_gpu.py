@@ -17,8 +17,9 @@ as ``|got - ref| <= rtol * max|ref| + atol`` per tensor unless said otherwise, a
   reduction or update moves the loss by 1e-2 or more within a few iterations at this lr);
 * a checkpoint written on CUDA (fp32) and resumed on the CPU: the loaded weights equal the saved
   ones bit for bit, and the next two iterations' losses (the second one after an update that
-  uses the loaded Adam moments) equal the uninterrupted CUDA run's within 1e-4 relative (fp32 on
-  both devices; only the kernels' summation order differs);
+  uses the loaded Adam moments) equal the uninterrupted CUDA run's within 1e-3 relative (fp32 on
+  both devices: summation order, and TF32 where a CUDA attention kernel uses it; Adam moments
+  not restored measured 7e-3);
 * document attention on CUDA vs the per-document attention written out on the CPU in fp32:
   fp32 5e-3 of the max (TF32-level), bf16 3e-2 (outputs) and 5e-2 (grads of q, k and v).
 """
@@ -97,7 +98,7 @@ def test_grouped_gemm_matches_the_expert_loop():
         torch._grouped_mm = grouped_mm
     assert calls, "the grouped GEMM path did not run"
     loop = _expert_pass(_experts(False, CUDA, torch.bfloat16), *on_cuda)
-    cpu_fp32 = _expert_pass(_experts(False, CPU, torch.float32), x.bfloat16().float(), token, expert, weight)
+    cpu_fp32 = _expert_pass(_experts(False, CPU, torch.bfloat16).float(), x.bfloat16().float(), token, expert, weight)
     assert set(grouped) == set(loop) == set(cpu_fp32)
     for name in grouped:
         assert_close_to_max(grouped[name], loop[name], 1e-2, what=f"grouped vs loop, {name}")
@@ -181,7 +182,7 @@ def test_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path):
     for name, saved in saving["last"].items():
         assert torch.equal(resumed["first"][name], saved), f"{name}: loaded on the CPU != saved on CUDA"
     for it, got, ref in zip((4, 5), resumed["loss"], straight["loss"][3:]):
-        assert abs(got - ref) <= 1e-4 * abs(ref), f"iteration {it} resumed on the CPU: loss {got}, on CUDA {ref}"
+        assert abs(got - ref) <= 1e-3 * abs(ref), f"iteration {it} resumed on the CPU: loss {got}, on CUDA {ref}"
 
 
 # -- document attention ----------------------------------------------------------------------
