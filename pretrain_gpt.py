@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 4 pretrain_gpt.py --tensor-model-parallel-size 2
 
 With no data flag the built-in corpus (the Python standard library's sources) is used.
+``--device`` (auto, cuda, cpu) picks where each process trains: one GPU per process, or the CPU.
 This file is the only place that reads environment variables: the launcher's, and
 ``MEGALITE_DEBUG=1`` (show the traceback of a user-facing error instead of one line).
 """
@@ -18,19 +19,29 @@ from megalite.config import parse_args
 from megalite.data.build import build_datasets
 from megalite.model.backends import missing_backends
 from megalite.optimizer.nonfinite import NonFiniteGradientsError
-from megalite.parallel_state import ParallelState, default_backend
+from megalite.parallel_state import ParallelState
 from megalite.training import Trainer, check_same_flags_on_all_ranks, train
+from megalite.training.device import DeviceUnavailable, choose_device, process_group_backend
 from megalite.training.monitoring import missing_monitoring_backends, rank_table_for
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join torchrun's process group (if launched by it); return rank, world size, device."""
+def local_device(requested: str) -> torch.device:
+    """This process's device for ``--device``, from torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE and
+    the GPUs this process can see (raises DeviceUnavailable with a one-line message)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    gpus = torch.cuda.device_count() if requested != "cpu" and torch.cuda.is_available() else 0
+    return choose_device(requested, local_rank, local_world_size, gpus)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join torchrun's process group (if launched by it), NCCL on CUDA, gloo on the CPU; return
+    rank and world size."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = process_group_backend(device)
     timeout = datetime.timedelta(minutes=10)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent hosts the store. Key it by restart attempt: otherwise, after an elastic
@@ -38,11 +49,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                               is_master=False, timeout=timeout)
-        dist.init_process_group(default_backend(), store=dist.PrefixStore(f"megalite/attempt_{attempt}", store),
+        dist.init_process_group(backend, store=dist.PrefixStore(f"megalite/attempt_{attempt}", store),
                                 rank=rank, world_size=world_size, timeout=timeout)
     elif "MASTER_ADDR" in os.environ:
-        dist.init_process_group(default_backend(), rank=rank, world_size=world_size, timeout=timeout)
-    return rank, world_size, device
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return rank, world_size
 
 
 def log_node_ranks(pstate: ParallelState, log) -> None:
@@ -57,9 +68,9 @@ def log_node_ranks(pstate: ParallelState, log) -> None:
         log(f"megalite: node {node[0]} of {node[1]} ({node[2]}): ranks {ranks}")
 
 
-def check_optional_packages(cfg) -> list[str]:
+def check_optional_packages(cfg, device: torch.device) -> list[str]:
     """One message per flag that asks for an optional package that is missing (or needs CUDA)."""
-    return missing_backends(cfg.model) + missing_monitoring_backends(cfg.logging)
+    return missing_backends(cfg.model, device) + missing_monitoring_backends(cfg.logging)
 
 
 def install_fault(trainer, iteration: int | None, fault_rank: int) -> None:
@@ -77,10 +88,9 @@ def install_fault(trainer, iteration: int | None, fault_rank: int) -> None:
     trainer.train_step = train_step_or_die
 
 
-def run(argv, rank: int, world_size: int, device: torch.device) -> None:
-    """Parse, lay out, build the data and the trainer, train."""
-    cfg = parse_args(argv, world_size=world_size)
-    missing = check_optional_packages(cfg)
+def run(cfg, rank: int, world_size: int, device: torch.device) -> None:
+    """Lay out, build the data and the trainer, train."""
+    missing = check_optional_packages(cfg, device)
     if missing:  # one line, as argparse reports a bad flag
         print(f"pretrain_gpt.py: error: {'; '.join(missing)}", file=sys.stderr, flush=True)
         raise SystemExit(2)
@@ -115,10 +125,18 @@ def run(argv, rank: int, world_size: int, device: torch.device) -> None:
 def main(argv=None) -> int:
     """Train; on a user-facing error (missing or corrupt data or checkpoint files, inconsistent
     input, a NaN streak) print one ``megalite: error: ...`` line and return 1 (the traceback
-    only with ``MEGALITE_DEBUG=1``)."""
-    rank, world_size, device = init_distributed()
+    only with ``MEGALITE_DEBUG=1``). A ``--device`` this node cannot serve (fewer GPUs than
+    processes) prints one line from local rank 0, before any process group, and returns 2."""
+    cfg = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # a bad flag stops here
     try:
-        run(argv, rank, world_size, device)
+        device = local_device(cfg.training.device)
+    except DeviceUnavailable as e:  # the same on every local rank: local rank 0 says it, once per node
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"pretrain_gpt.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    rank, world_size = init_distributed(device)
+    try:
+        run(cfg, rank, world_size, device)
     except (NonFiniteGradientsError, OSError, ValueError, KeyError) as e:
         if os.environ.get("MEGALITE_DEBUG") == "1":
             raise

@@ -21,5 +21,5 @@ torchrun --nproc_per_node "$NPROC" pretrain_gpt.py \
     --micro-batch-size 4 --global-batch-size 8 \
     --train-iters 40 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 4 \
     --weight-decay 0.1 --clip-grad 1.0 --attention-dropout 0.0 --hidden-dropout 0.0 \
-    --log-interval 5 --eval-interval 20 --eval-iters 2 --seed 1234 \
+    --log-interval 5 --eval-interval 20 --eval-iters 2 --seed 1234 --device cpu \
     "$@"

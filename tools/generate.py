@@ -50,7 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-file", default=None, help="override --vocab-file")
     p.add_argument("--merge-file", default=None, help="override --merge-file")
     p.add_argument("--output-ids", action="store_true", help="also print the generated ids as JSON")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="as pretrain_gpt.py's: one GPU per process (cuda), the CPU, or auto (default)")
     return p
+
+
+def local_device(requested: str) -> torch.device:
+    """pretrain_gpt.py's choice: this process's device from torchrun's local rank, the node's
+    process count and the visible GPUs; a node with too few GPUs exits with one line."""
+    from megalite.training.device import DeviceUnavailable, choose_device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    gpus = torch.cuda.device_count() if requested != "cpu" and torch.cuda.is_available() else 0
+    try:
+        return choose_device(requested, local_rank, local_world_size, gpus)
+    except DeviceUnavailable as e:
+        if local_rank == 0:
+            print(f"generate: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def load_model(root: str, pstate, device=torch.device("cpu")):
@@ -119,15 +136,15 @@ def _tokenizer(args, common: dict):
 
 def main(argv=None) -> list[int]:
     args = build_parser().parse_args(argv)
-    from megalite.parallel_state import ParallelState, default_backend
+    from megalite.parallel_state import ParallelState
+    from megalite.training.device import process_group_backend
+    device = local_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized() and "MASTER_ADDR" in os.environ:  # launched by torchrun
-        dist.init_process_group(default_backend())
+        dist.init_process_group(process_group_backend(device))
     world = dist.get_world_size() if dist.is_initialized() else 1
     pstate = ParallelState.from_sizes(tp=args.tensor_model_parallel_size or world)
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
     model, vocab, common = load_model(args.load, pstate, device)
     tokenizer = None
     if args.prompt_ids is None or not common["config"].get("data", {}).get("mock_data"):

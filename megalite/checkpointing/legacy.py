@@ -63,5 +63,5 @@ def set_rng_state(trainer, state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     trainer.tracker.load_state_dict(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and trainer.device.type == "cuda":  # a CUDA checkpoint resumes on the CPU too
+        torch.cuda.set_rng_state(state["cuda"], trainer.device)

@@ -77,8 +77,8 @@ def rng_state(trainer) -> dict:
              "numpy_pos": int(np_state["state"]["pos"]), "numpy_has_gauss": int(np_state["has_gauss"]),
              "numpy_gauss": float(np_state["gauss"]), "torch": torch.get_rng_state(),
              "tracker": trainer.tracker.state_dict()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if trainer.device.type == "cuda":  # not on a --device cpu run of a GPU machine: no CUDA context for it
+        state["cuda"] = torch.cuda.get_rng_state(trainer.device)
     return state
 
 
@@ -89,8 +89,8 @@ def set_rng_state(trainer, state: dict) -> None:
                          "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]}})
     torch.set_rng_state(state["torch"])
     trainer.tracker.load_state_dict(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and trainer.device.type == "cuda":  # a CUDA checkpoint resumes on the CPU too
+        torch.cuda.set_rng_state(state["cuda"], trainer.device)
 
 
 def write_shard(tmp: str, rank: int, tensors: dict, rng: dict) -> dict:

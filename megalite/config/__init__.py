@@ -116,6 +116,9 @@ class TrainingConfig:
     loss_scale: float | None = flag(None, "static loss scale for fp16 (default dynamic)")
     initial_loss_scale: float = flag(2.0 ** 32, "initial dynamic loss scale")
     seed: int = flag(1234, "random seed")
+    device: str = flag("auto", "where each process trains: cuda (one GPU per process, cuda:LOCAL_RANK), cpu, or auto "
+                               "(CUDA when every process on the node has a GPU of its own, the CPU when there is none)",
+                       choices=["auto", "cuda", "cpu"])
     max_consecutive_nan_iterations: int = flag(
         5, "stop (exit code 1) after this many iterations in a row with non-finite gradients; "
            "their updates are skipped")

@@ -66,13 +66,14 @@ def require(module: str):
         raise BackendUnavailable(f"{_message(module).split(',')[0]} but importing it failed: {e}") from None
 
 
-def missing_backends(cfg) -> list[str]:
-    """Config-validation errors for backends asked for by flag but not installed (or no CUDA)."""
+def missing_backends(cfg, device: torch.device | None = None) -> list[str]:
+    """Config-validation errors for backends asked for by flag but not installed (or no CUDA:
+    ``device`` not CUDA; None: CUDA if present)."""
     wanted = ["flash_attn"] if cfg.use_flash_attn else []
     if cfg.transformer_impl == "transformer_engine":
         wanted.append("transformer_engine")
     return [_message(m) if not is_installed(m) else _no_cuda_message(m)
-            for m in wanted if not is_installed(m) or not torch.cuda.is_available()]
+            for m in wanted if not is_installed(m) or not _cuda(device)]
 
 
 def _no_cuda_message(module: str) -> str:
